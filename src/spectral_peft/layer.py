@@ -1,0 +1,362 @@
+"""The one sparse-spectrum adapter layer behind every method (LoCA, S2FT, fast FourierFT).
+
+A method subclasses :class:`SpectralLinear`, sets ``prefix`` and a few class flags, and says how the first
+locations are drawn. The parameter and buffer containers are named from the prefix (``loca_coefficients``,
+``s2ft_row_order``, ...), as PEFT expects, and PEFT saves everything on the layer except ``base_layer``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .spectral import TRANSFORMS, Spectrum, check_cells, delta_weight, apply_delta, spectral_forward
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+
+def base_layer_shape(base_layer: nn.Module, name: str) -> tuple[int, int]:
+    """(out_features, in_features) of a supported base layer, or a TypeError naming the module."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.out_features, base_layer.in_features
+    if isinstance(base_layer, Conv1D):
+        in_features, out_features = base_layer.weight.shape
+        return out_features, in_features
+    raise TypeError(
+        f"Module '{name}' is a {type(base_layer).__name__}; spectral adapters support torch.nn.Linear and "
+        f"transformers' Conv1D only. Remove it from target_modules."
+    )
+
+
+class SpectralLinear(nn.Module, BaseTunerLayer):
+    """A frozen ``nn.Linear`` / ``Conv1D`` plus sparse-spectrum updates, one per named adapter."""
+
+    # set by each method
+    prefix: str = ""
+    learnable_locations: bool = False  # LoCA: locations are float parameters with finite-difference gradients
+    saves_locations: bool = True  # False where locations are re-drawn from a seed at load (FourierFT mode)
+    has_orders: bool = False  # S2FT: row and column orderings
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        p = cls.prefix
+        cls.adapter_layer_names = (p + "coefficients",) + ((p + "locations",) if cls.learnable_locations else ())
+        buffers = (() if cls.learnable_locations else (p + "locations",)) + (
+            (p + "row_order", p + "col_order") if cls.has_orders else ()
+        )
+        state = (p + "cells",) if cls.learnable_locations else ()
+        cls.other_param_names = buffers + state + (p + "shape", p + "scaling", p + "transform", p + "phase")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = "", **kwargs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name or type(base_layer).__name__
+        self.out_features, self.in_features = base_layer_shape(base_layer, self.module_name)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        # "auto" picks the cheaper of the activation and dense paths; tests and benchmarks may force one.
+        self.spectral_path = "auto"
+
+        p = self.prefix
+        setattr(self, p + "coefficients", nn.ParameterDict({}))
+        if self.learnable_locations:
+            setattr(self, p + "locations", nn.ParameterDict({}))
+            # the integer cells in use: the float locations are proposals checked against these
+            setattr(self, p + "cells", BufferDict({}, persistent=False))
+        else:
+            setattr(self, p + "locations", BufferDict({}, persistent=self.saves_locations))
+        if self.has_orders:
+            setattr(self, p + "row_order", BufferDict({}, persistent=True))
+            setattr(self, p + "col_order", BufferDict({}, persistent=True))
+        # (out, in) shape the adapter was made for: loading it onto another shape is refused
+        setattr(self, p + "shape", BufferDict({}, persistent=True))
+        setattr(self, p + "scaling", {})
+        setattr(self, p + "transform", {})
+        setattr(self, p + "phase", {})  # adapter -> (train_coefficients, train_locations)
+
+        if self.learnable_locations:
+            self.register_load_state_dict_post_hook(self._cells_from_loaded_locations)
+
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # containers
+
+    def _container(self, kind: str):
+        return getattr(self, self.prefix + kind)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def _adapter_names(self) -> list[str]:
+        return list(self._container("coefficients").keys())
+
+    # ----------------------------------------------------------------------------------------------------------
+    # creating an adapter
+
+    def initial_cells(self, adapter_name: str, n: int, config) -> torch.Tensor:
+        """(2, n) long distinct cells for a new adapter; each method decides."""
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, config, n_frequency: Optional[int] = None, **kwargs) -> None:
+        n = config.n_frequency if n_frequency is None else n_frequency
+        m, n_in = self.shape
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"Module '{self.module_name}': n_frequency must be a positive integer, got {n!r}")
+        if n > m * n_in:
+            raise ValueError(
+                f"Module '{self.module_name}': n_frequency={n} is larger than its {m} x {n_in} = {m * n_in} entries"
+            )
+        transform = getattr(config, "transform", "dct")
+        if transform not in TRANSFORMS:
+            raise ValueError(f"Module '{self.module_name}': transform must be one of {TRANSFORMS}, got {transform!r}")
+
+        cells = self.initial_cells(adapter_name, n, config)
+        check_cells(cells, self.shape, f"Module '{self.module_name}'")
+        self._container("coefficients")[adapter_name] = nn.Parameter(torch.zeros(n))
+        self._set_cells(adapter_name, cells)
+        if self.has_orders:
+            self._container("row_order")[adapter_name] = torch.arange(m)
+            self._container("col_order")[adapter_name] = torch.arange(n_in)
+        self._container("shape")[adapter_name] = torch.tensor([m, n_in])
+        self._container("scaling")[adapter_name] = float(config.scaling)
+        self._container("transform")[adapter_name] = transform
+        self._container("phase")[adapter_name] = (True, False)
+
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _set_cells(self, adapter_name: str, cells: torch.Tensor) -> None:
+        cells = cells.long()
+        if self.learnable_locations:
+            locations = self._container("locations")
+            if adapter_name in locations:
+                locations[adapter_name].data.copy_(cells.to(locations[adapter_name].dtype))
+            else:
+                locations[adapter_name] = nn.Parameter(cells.float())
+            self._container("cells")[adapter_name] = cells.to(locations[adapter_name].device)
+        else:
+            self._container("locations")[adapter_name] = cells
+
+    def set_locations(self, adapter_name: str, cells: torch.Tensor) -> None:
+        """Place the coefficients of ``adapter_name`` at ``cells`` ((2, n), distinct, inside the matrix)."""
+        check_cells(cells, self.shape, f"Module '{self.module_name}', adapter '{adapter_name}'")
+        if cells.shape[1] != self._container("coefficients")[adapter_name].numel():
+            raise ValueError(f"Module '{self.module_name}': expected {self._container('coefficients')[adapter_name].numel()} locations, got {cells.shape[1]}")
+        with torch.no_grad():
+            self._set_cells(adapter_name, cells.round().long())
+
+    def set_orders(self, adapter_name: str, row_order: torch.Tensor, col_order: torch.Tensor) -> None:
+        """Install S2FT's row and column orderings (permutations of range(M) and range(N))."""
+        for what, order, size in (("row_order", row_order, self.out_features), ("col_order", col_order, self.in_features)):
+            check_permutation(order, size, f"Module '{self.module_name}', {self.prefix}{what}")
+        device = self._container("row_order")[adapter_name].device
+        self._container("row_order")[adapter_name] = row_order.long().to(device)
+        self._container("col_order")[adapter_name] = col_order.long().to(device)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # Like PEFT's, but only the coefficients follow the base layer's dtype: locations are cell indices and
+        # half precision cannot hold indices above 2048 (fp16) or 256 (bf16) exactly.
+        weight = self.get_base_layer().weight
+        device = device if device is not None else weight.device
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name, None)
+            if not isinstance(container, (nn.ParameterDict, BufferDict)) or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if item.device == torch.device("meta"):
+                continue
+            if name == self.prefix + "coefficients" and weight.dtype.is_floating_point:
+                container[adapter_name] = item.to(device, dtype=weight.dtype)
+            else:
+                container[adapter_name] = item.to(device)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # learnable locations
+
+    def set_phase(self, adapter_name: str, train_coefficients: bool, train_locations: bool) -> None:
+        """Which parts of ``adapter_name`` get gradients (the others get zero gradients and do not move)."""
+        self._container("phase")[adapter_name] = (bool(train_coefficients), bool(train_locations and self.learnable_locations))
+
+    @torch.no_grad()
+    def commit_locations(self, adapter_name: str) -> torch.Tensor:
+        """Reconcile the float locations with the cells in use and return the cells, (2, n) long.
+
+        While locations train, a location whose rounded cell changed moves there unless the cell is taken (then it
+        is put back on its cell); outside location phases any drift is undone. Locations are clamped to the matrix.
+        """
+        if not self.learnable_locations:
+            return self._container("locations")[adapter_name]
+        from .spectral import resolve_moves
+
+        param = self._container("locations")[adapter_name]
+        cells = self._container("cells")[adapter_name]
+        if not torch.isfinite(param).all():
+            param.copy_(cells.to(param.dtype))
+            return cells
+        proposed = param.round().long()
+        proposed[0].clamp_(0, self.out_features - 1)
+        proposed[1].clamp_(0, self.in_features - 1)
+        if torch.equal(proposed, cells):
+            return cells
+        _, train_locations = self._container("phase")[adapter_name]
+        if train_locations:
+            new_cells = resolve_moves(cells, proposed, self.shape)
+            refused = (new_cells != proposed).any(dim=0)
+            param[:, refused] = new_cells[:, refused].to(param.dtype)
+            param[0].clamp_(0, self.out_features - 1)
+            param[1].clamp_(0, self.in_features - 1)
+            cells.copy_(new_cells)
+        else:
+            param.copy_(cells.to(param.dtype))
+        return cells
+
+    # ----------------------------------------------------------------------------------------------------------
+    # computing
+
+    def spectrum(self, adapter_name: str) -> Spectrum:
+        train_coefficients, train_locations = self._container("phase")[adapter_name]
+        cells = self.commit_locations(adapter_name)
+        return Spectrum(
+            coefficients=self._container("coefficients")[adapter_name],
+            cells=cells,
+            out_features=self.out_features,
+            in_features=self.in_features,
+            scaling=self._container("scaling")[adapter_name],
+            transform=self._container("transform")[adapter_name],
+            row_order=self._container("row_order")[adapter_name] if self.has_orders else None,
+            col_order=self._container("col_order")[adapter_name] if self.has_orders else None,
+            locations=self._container("locations")[adapter_name] if self.learnable_locations else None,
+            train_coefficients=train_coefficients,
+            train_locations=train_locations,
+        )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense update (out x in, float32) of one adapter, built with the 2-D inverse transform."""
+        return delta_weight(self.spectrum(adapter_name))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        coefficients = self._container("coefficients")
+        for name in self.active_adapters:
+            if name not in coefficients:
+                continue
+            spec = self.spectrum(name)
+            if self.spectral_path == "dense":
+                dw = delta_weight(spec)
+                delta = torch.nn.functional.linear(x.to(dw.dtype), dw).to(x.dtype)
+            elif self.spectral_path == "activation":
+                delta = apply_delta(x, spec)
+            else:
+                delta = spectral_forward(x, spec)
+            result = result + delta.to(result.dtype)
+        return result
+
+    # ----------------------------------------------------------------------------------------------------------
+    # merging
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self._container("coefficients"):
+                continue
+            with torch.no_grad():
+                delta = transpose(self.get_delta_weight(name), self.fan_in_fan_out)
+                if safe_merge:
+                    merged = base.weight.data.float() + delta
+                    if not torch.isfinite(merged).all():
+                        bad = (~torch.isfinite(self._container("coefficients")[name])).sum().item()
+                        raise ValueError(
+                            f"Module '{self.module_name}', adapter '{name}': merging gives non-finite weights "
+                            f"({bad} non-finite coefficients); the base weights were left unchanged"
+                        )
+                    base.weight.data.copy_(merged.to(base.weight.dtype))
+                else:
+                    base.weight.data += delta.to(base.weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self._container("coefficients"):
+                with torch.no_grad():
+                    base.weight.data -= transpose(self.get_delta_weight(name), self.fan_in_fan_out).to(base.weight.dtype)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # loading and saving: never accept a state that would be a silently wrong model
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        p = self.prefix
+        for name in self._adapter_names():
+            where = f"Module '{self.module_name}', adapter '{name}'"
+            shape = state_dict.get(f"{prefix}{p}shape.{name}")
+            if shape is not None and tuple(int(v) for v in shape.tolist()) != self.shape:
+                raise ValueError(
+                    f"{where}: the adapter was made for a {tuple(shape.tolist())} weight but this model's is "
+                    f"{self.shape} (out, in); it belongs to another base model"
+                )
+            coefficients = state_dict.get(f"{prefix}{p}coefficients.{name}")
+            if coefficients is not None and not torch.isfinite(coefficients).all():
+                raise ValueError(f"{where}: {p}coefficients contains NaN or Inf")
+            locations = state_dict.get(f"{prefix}{p}locations.{name}")
+            if locations is not None:
+                check_cells(locations, self.shape, f"{where}, {p}locations")
+            if self.has_orders:
+                for what, size in (("row_order", self.out_features), ("col_order", self.in_features)):
+                    order = state_dict.get(f"{prefix}{p}{what}.{name}")
+                    if order is not None:
+                        check_permutation(order, size, f"{where}, {p}{what}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @staticmethod
+    def _cells_from_loaded_locations(layer, incompatible_keys) -> None:
+        # runs after the containers (child modules) loaded: the cells in use become the loaded locations
+        with torch.no_grad():
+            for name, param in layer._container("locations").items():
+                layer._container("cells")[name] = param.round().long()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # whatever the optimizer did since the last forward, what is saved is what the model computes with
+        if self.learnable_locations:
+            for name in self._adapter_names():
+                self.commit_locations(name)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def __repr__(self) -> str:
+        return f"{self.prefix.rstrip('_')}." + super().__repr__()
+
+
+def check_permutation(order: torch.Tensor, size: int, what: str) -> None:
+    """Raise unless ``order`` is a permutation of ``range(size)``."""
+    if order.dim() != 1 or order.numel() != size:
+        raise ValueError(f"{what}: expected a permutation of {size} indices, got shape {tuple(order.shape)}")
+    if order.is_floating_point() or order.is_complex():
+        raise ValueError(f"{what}: expected integer indices, got {order.dtype}")
+    seen = torch.zeros(size, dtype=torch.bool, device=order.device)
+    if order.numel() and (order.min() < 0 or order.max() >= size):
+        raise ValueError(f"{what}: indices outside 0..{size - 1}")
+    seen[order.long()] = True
+    if not seen.all():
+        raise ValueError(f"{what}: not a permutation ({int((~seen).sum())} indices missing, some repeated)")

@@ -1,0 +1,48 @@
+"""LoCA's configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import SpectralConfig
+
+
+@dataclass
+class LocaConfig(SpectralConfig):
+    """Location-aware Cosine Adaptation: ``n_frequency`` DCT coefficients per matrix at learned locations.
+
+    The schedule (:class:`~spectral_peft.LocaSchedule`) alternates ``coefficient_steps`` optimizer steps training
+    coefficients only with ``location_steps`` training locations only, for the first ``location_learning_steps``
+    steps; then locations are frozen and coefficients train to the end.
+    """
+
+    PEFT_TYPE = "LOCA"
+
+    coefficient_steps: int = field(default=10, metadata={"help": "B_a: coefficient-only steps per cycle."})
+    location_steps: int = field(default=20, metadata={"help": "B_l: location-only steps per cycle."})
+    location_learning_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "B_s: optimizer steps during which locations may move. None: 10% of the total steps given "
+            "to LocaSchedule."
+        },
+    )
+    location_seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "Seed of the initial random locations (mixed with each module's name); None: torch's RNG."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("coefficient_steps", "location_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"LocaConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.coefficient_steps + self.location_steps == 0:
+            raise ValueError("LocaConfig: coefficient_steps and location_steps cannot both be 0")
+        steps = self.location_learning_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+            raise ValueError(f"LocaConfig.location_learning_steps must be None or a non-negative integer, got {steps!r}")
+        if self.location_seed is not None and (not isinstance(self.location_seed, int) or isinstance(self.location_seed, bool)):
+            raise ValueError(f"LocaConfig.location_seed must be None or an integer, got {self.location_seed!r}")

@@ -1,0 +1,66 @@
+"""The PEFT tuner shared by every sparse-spectrum method, and registration of a method with stock PEFT."""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers.pytorch_utils import Conv1D
+
+from .layer import SpectralLinear, base_layer_shape
+
+
+class SpectralModel(BaseTuner):
+    """Replaces target ``nn.Linear``/``Conv1D`` modules with a method's :class:`SpectralLinear` subclass."""
+
+    prefix: str = ""
+    tuner_layer_cls = SpectralLinear
+    # the attention projections LoRA targets by default (query/value for BERT and RoBERTa, q/v for Llama,
+    # c_attn for GPT-2)
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if current_key is None:
+            raise ValueError("Current key shouldn't be `None`")
+        n_frequency = config.n_frequency
+        for pattern, value in (config.n_frequency_pattern or {}).items():
+            if current_key == pattern or re.match(rf"(.*\.)?{pattern}$", current_key):
+                n_frequency = value
+                break
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, n_frequency=n_frequency)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        base_layer_shape(base, current_key)  # a clear TypeError for unsupported modules
+        if isinstance(base, Conv1D) != bool(config.fan_in_fan_out):
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} does not match '{current_key}' "
+                f"({type(base).__name__}); using {isinstance(base, Conv1D)}"
+            )
+        new_module = self.tuner_layer_cls(
+            target, adapter_name, config=_with_n_frequency(config, n_frequency), module_name=current_key
+        )
+        if adapter_name not in self.active_adapters:
+            # an added adapter is not trainable until it is set active
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+
+def _with_n_frequency(config, n_frequency):
+    if n_frequency == config.n_frequency:
+        return config
+    config = copy.copy(config)
+    config.n_frequency = n_frequency
+    return config
+
+
+def register_method(config_cls, tuner_cls) -> None:
+    """Make stock PEFT know a method by its type string (PEFT >= 0.21 looks these mappings up by string)."""
+    peft_type = config_cls.PEFT_TYPE
+    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
+    PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = tuner_cls.prefix

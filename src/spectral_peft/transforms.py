@@ -1,0 +1,94 @@
+"""Orthonormal DCT-II and its inverse along one axis, in O(N log N) through ``torch.fft``.
+
+``dct(x)`` equals ``scipy.fft.dct(x, type=2, norm="ortho")`` and ``idct`` is its inverse (the orthonormal
+DCT-III). Both are orthogonal maps, so the gradient of one is the other: the autograd functions below use that
+instead of differentiating through the FFT. Half-precision inputs are computed in float32 and returned in their
+own dtype (CPU FFTs do not take fp16/bf16, and cuFFT only for powers of two).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+__all__ = ["dct", "idct"]
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _twiddles(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(-i pi k / 2n) and the orthonormal scale of each output index k, cached per length."""
+    k = torch.arange(n, dtype=torch.float64)
+    twiddle = torch.exp(-1j * math.pi * k / (2 * n))
+    scale = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
+    scale[0] = math.sqrt(1.0 / n)
+    complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+    return twiddle.to(device=device, dtype=complex_dtype), scale.to(device=device, dtype=dtype)
+
+
+def _dct_last(x: torch.Tensor) -> torch.Tensor:
+    # Makhoul: reorder even samples forward and odd samples backward, one FFT, rotate by a quarter sample.
+    n = x.shape[-1]
+    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
+    twiddle, scale = _twiddles(n, x.dtype, x.device)
+    return (torch.fft.fft(v, dim=-1) * twiddle).real * scale
+
+
+def _idct_last(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1]
+    twiddle, scale = _twiddles(n, x.dtype, x.device)
+    c = x / scale
+    # V_k = conj(twiddle_k) * (C_k - i C_{n-k}), with C_n = 0.
+    c_reflected = torch.cat([torch.zeros_like(c[..., :1]), c[..., 1:].flip(-1)], dim=-1)
+    v = torch.fft.ifft(torch.complex(c, -c_reflected) * twiddle.conj(), dim=-1).real
+    x_out = torch.empty_like(v)
+    half = (n + 1) // 2
+    x_out[..., ::2] = v[..., :half]
+    x_out[..., 1::2] = v[..., half:].flip(-1)
+    return x_out
+
+
+def _along(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Apply a last-axis transform along ``dim``, computing half precision in float32."""
+    in_dtype = x.dtype
+    if not in_dtype.is_floating_point:
+        raise TypeError(f"DCT needs a floating-point tensor, got {in_dtype}")
+    work = x if in_dtype in _COMPUTE_DTYPES else x.float()
+    moved = work.movedim(dim, -1)
+    out = fn(moved).movedim(-1, dim)
+    return out.to(in_dtype)
+
+
+class _DCT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim = dim
+        return _along(_dct_last, x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _along(_idct_last, grad, ctx.dim), None
+
+
+class _IDCT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim = dim
+        return _along(_idct_last, x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _along(_dct_last, grad, ctx.dim), None
+
+
+def dct(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Orthonormal DCT-II of ``x`` along ``dim`` (``scipy.fft.dct(x, norm="ortho")``)."""
+    return _DCT.apply(x, dim)
+
+
+def idct(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`dct` (orthonormal DCT-III) along ``dim``."""
+    return _IDCT.apply(x, dim)
