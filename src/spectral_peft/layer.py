@@ -43,6 +43,7 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
     learnable_locations: bool = False  # LoCA: locations are float parameters with finite-difference gradients
     saves_locations: bool = True  # False where locations are re-drawn from a seed at load (FourierFT mode)
     has_orders: bool = False  # S2FT: row and column orderings
+    default_transform: str = "dct"  # where the config has no `transform` field
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -109,6 +110,10 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         """(2, n) long distinct cells for a new adapter; each method decides."""
         raise NotImplementedError
 
+    def initial_coefficients(self, n: int, config) -> torch.Tensor:
+        """Zero: the adapted model starts as the base model."""
+        return torch.zeros(n)
+
     def update_layer(self, adapter_name: str, config, n_frequency: Optional[int] = None, **kwargs) -> None:
         n = config.n_frequency if n_frequency is None else n_frequency
         m, n_in = self.shape
@@ -118,13 +123,13 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"Module '{self.module_name}': n_frequency={n} is larger than its {m} x {n_in} = {m * n_in} entries"
             )
-        transform = getattr(config, "transform", "dct")
+        transform = getattr(config, "transform", self.default_transform)
         if transform not in TRANSFORMS:
             raise ValueError(f"Module '{self.module_name}': transform must be one of {TRANSFORMS}, got {transform!r}")
 
         cells = self.initial_cells(adapter_name, n, config)
         check_cells(cells, self.shape, f"Module '{self.module_name}'")
-        self._container("coefficients")[adapter_name] = nn.Parameter(torch.zeros(n))
+        self._container("coefficients")[adapter_name] = nn.Parameter(self.initial_coefficients(n, config))
         self._set_cells(adapter_name, cells)
         if self.has_orders:
             self._container("row_order")[adapter_name] = torch.arange(m)
@@ -147,7 +152,7 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
                 locations[adapter_name] = nn.Parameter(cells.float())
             self._container("cells")[adapter_name] = cells.to(locations[adapter_name].device)
         else:
-            self._container("locations")[adapter_name] = cells
+            self._container("locations")[adapter_name] = cells.to(self._container("coefficients")[adapter_name].device)
 
     def set_locations(self, adapter_name: str, cells: torch.Tensor) -> None:
         """Place the coefficients of ``adapter_name`` at ``cells`` ((2, n), distinct, inside the matrix)."""

@@ -135,7 +135,7 @@ def _analysis(x: torch.Tensor, transform: str) -> torch.Tensor:
     """Features (T, N) -> spectrum (T, N, C)."""
     if transform == "dct":
         return dct(x).unsqueeze(-1)
-    return torch.view_as_real(torch.fft.ifft(x, dim=-1))
+    return torch.view_as_real(torch.fft.ifft(x, dim=-1).resolve_conj())
 
 
 def _synthesis(z: torch.Tensor, transform: str) -> torch.Tensor:

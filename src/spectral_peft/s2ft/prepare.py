@@ -1,0 +1,179 @@
+"""Building an S2FT model: a prior weight change, orderings from it, and the locations of its largest energy."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Mapping
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..analysis import permute, transform_2d
+from .config import S2FTConfig
+from .layer import S2FTLinear
+from .ordering import nearest_neighbor_order
+
+
+def _loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"prepare_s2ft: batches must yield dicts of model inputs with labels, got {type(batch).__name__}")
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("prepare_s2ft: the model returned no loss for a batch; batches must include labels")
+    if not torch.isfinite(loss):
+        raise ValueError(f"prepare_s2ft: the loss of a prior batch is {loss.item()}")
+    return loss
+
+
+def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable, num_batches: int) -> dict[str, torch.Tensor]:
+    """Minus the gradient of the loss w.r.t. each target weight, summed over ``num_batches`` batches.
+
+    Only the target weights take gradients (through ``torch.autograd.grad``, so no ``.grad`` is touched and
+    no optimizer state exists); every ``requires_grad`` flag and the train/eval mode are restored.
+    """
+    weights = [layer.get_base_layer().weight for layer in layers]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    priors = [torch.zeros(layer.out_features, layer.in_features) for layer in layers]
+    seen = 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        model.eval()  # deterministic: no dropout, so every rank and every rerun gets the same prior
+        for batch in itertools.islice(batches, num_batches):
+            grads = torch.autograd.grad(_loss(model, batch), weights)
+            for prior, layer, grad in zip(priors, layers, grads):
+                grad = grad.T if layer.fan_in_fan_out else grad
+                prior -= grad.detach().float().cpu()
+            seen += 1
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("prepare_s2ft: the batch iterable yielded no batch")
+    return {layer.module_name: prior for layer, prior in zip(layers, priors)}
+
+
+def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[str, torch.Tensor]:
+    """``scaling * B @ A`` of each target after a short LoRA warm-up with stock PEFT on a throw-away adapter.
+
+    The LoRA layers are removed afterwards (never merged), so the base weights are bit-identical.
+    """
+    lora_config = LoraConfig(
+        r=config.prior_rank,
+        lora_alpha=config.prior_rank,
+        target_modules=config.target_modules,
+        exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        modules_to_save=config.modules_to_save,
+        task_type=config.task_type,
+    )
+    had_config = hasattr(model, "peft_config")
+    lora_model = get_peft_model(model, lora_config, adapter_name="s2ft_prior")
+    try:
+        optimizer = torch.optim.Adam([p for p in lora_model.parameters() if p.requires_grad], lr=config.prior_lr)
+        lora_model.train()
+        steps = 0
+        for batch in itertools.islice(itertools.cycle(batches), config.prior_steps):
+            _loss(lora_model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        if steps == 0:
+            raise ValueError("prepare_s2ft: the batch iterable yielded no batch")
+        priors = {}
+        for name, module in lora_model.base_model.model.named_modules():
+            if isinstance(module, LoraLayer) and "s2ft_prior" in module.lora_A:
+                a = module.lora_A["s2ft_prior"].weight
+                b = module.lora_B["s2ft_prior"].weight
+                priors[name] = (module.scaling["s2ft_prior"] * (b @ a)).detach().float().cpu()
+    finally:
+        # put the untouched original back where the warm-up trained a copy (unload would keep the copy)
+        for name, module in list(lora_model.base_model.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent_name, _, child = name.rpartition(".")
+                setattr(lora_model.base_model.model.get_submodule(parent_name), child, module.original_module)
+        lora_model.base_model.unload()
+        if not had_config and hasattr(model, "peft_config"):
+            del model.peft_config
+    return priors
+
+
+def top_cells(spectrum: torch.Tensor, n: int, transform: str) -> torch.Tensor:
+    """The ``n`` cells of largest magnitude as (2, n) long; for the DFT one cell of each conjugate pair."""
+    power = spectrum.abs().pow(2)
+    m, n_cols = power.shape
+    if transform == "dft":
+        # a real matrix's DFT has |F[r, c]| = |F[-r, -c]|, and both cells give the same real atom
+        rows = torch.arange(m)[:, None]
+        cols = torch.arange(n_cols)[None, :]
+        canonical = rows * n_cols + cols <= ((-rows) % m) * n_cols + (-cols) % n_cols
+        power = torch.where(canonical, power, torch.full_like(power, -1.0))
+    flat = torch.topk(power.flatten(), n).indices
+    return torch.stack([flat // n_cols, flat % n_cols])
+
+
+def _all_reduce_priors(priors: dict[str, torch.Tensor], mode: str) -> None:
+    """Make every rank of a distributed run hold the same priors (summed gradients, or rank 0's LoRA)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for name in sorted(priors):
+        if mode == "gradient":
+            torch.distributed.all_reduce(priors[name])
+        else:
+            torch.distributed.broadcast(priors[name], src=0)
+
+
+def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with an S2FT adapter ready to train.
+
+    Estimates a prior weight change per target matrix from ``batches`` (dicts of model inputs with labels, as a
+    ``DataLoader`` yields them), orders rows and columns of each prior by the nearest-neighbour chain, and places
+    the ``n_frequency`` coefficients at the largest-energy cells of the permuted prior's spectrum. Coefficients
+    start at zero, so the returned model computes exactly what ``model`` did. Under ``torch.distributed`` every
+    rank ends with the same orderings and locations.
+    """
+    if not isinstance(config, S2FTConfig):
+        raise TypeError(f"prepare_s2ft needs an S2FTConfig, got {type(config).__name__}")
+    lora_priors = lora_prior(model, config, batches) if config.prior == "lora" else None
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    try:
+        layers = [m for m in peft_model.modules() if isinstance(m, S2FTLinear) and adapter_name in m.s2ft_coefficients]
+        if lora_priors is None:
+            priors = gradient_prior(peft_model, layers, batches, config.prior_batches)
+        else:
+            missing = [layer.module_name for layer in layers if layer.module_name not in lora_priors]
+            if missing:
+                raise ValueError(f"prepare_s2ft: the LoRA warm-up did not cover {missing}")
+            priors = {layer.module_name: lora_priors[layer.module_name] for layer in layers}
+        _all_reduce_priors(priors, config.prior)
+        placements = {}
+        for layer in tqdm(layers, desc="S2FT orderings", unit="matrix", leave=False):
+            prior = priors[layer.module_name]
+            if not torch.isfinite(prior).all():
+                raise ValueError(f"prepare_s2ft: the prior of module '{layer.module_name}' contains NaN or Inf")
+            n = layer.s2ft_coefficients[adapter_name].numel()
+            row_order = nearest_neighbor_order(prior, refine_passes=config.refine_passes)
+            col_order = nearest_neighbor_order(prior.T, refine_passes=config.refine_passes)
+            spectrum = transform_2d(permute(prior, row_order, col_order), config.transform)
+            placements[layer] = (row_order, col_order, top_cells(spectrum, n, config.transform))
+        # only now that every matrix succeeded is anything installed
+        for layer, (row_order, col_order, cells) in placements.items():
+            layer.set_orders(adapter_name, row_order, col_order)
+            layer.set_locations(adapter_name, cells)
+    except BaseException:
+        peft_model.base_model.unload()
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        raise
+    return peft_model
