@@ -6,6 +6,7 @@ import copy
 import re
 import warnings
 
+import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -48,6 +49,31 @@ class SpectralModel(BaseTuner):
             # an added adapter is not trainable until it is set active
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+
+    def _check_finite(self, adapter_names) -> None:
+        # with safe_merge, refuse before any layer is merged, so a bad adapter never leaves the model half-merged
+        for module in self.model.modules():
+            if not isinstance(module, SpectralLinear):
+                continue
+            coefficients = module._container("coefficients")
+            for name in adapter_names if adapter_names is not None else module.active_adapters:
+                if name in coefficients and not torch.isfinite(coefficients[name]).all():
+                    bad = int((~torch.isfinite(coefficients[name])).sum())
+                    raise ValueError(
+                        f"Module '{module.module_name}', adapter '{name}': {bad} coefficients are NaN or Inf; "
+                        "nothing was merged"
+                    )
+
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        if safe_merge:
+            self._check_finite(adapter_names)
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
 
 def _with_n_frequency(config, n_frequency):

@@ -11,19 +11,18 @@ _CHUNK = 1024
 def pairwise_sq_distances(matrix: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between all rows, (d, d) float32, computed in row chunks.
 
-    Memory is the d x d result (64 MB for d = 4096) plus one chunk x d block; never d x d x k.
+    Memory is the d x d result (64 MB for d = 4096) plus one centred copy of the input and one chunk x d block;
+    never d x d x k.
     """
-    x = matrix.float()
+    # centring changes no distance and the Gram trick loses less precision
+    x = matrix.float() - matrix.float().mean(dim=0, keepdim=True)
     d = x.shape[0]
-    # centre first: distances do not change and the Gram trick loses less precision
-    x = x - x.mean(dim=0, keepdim=True)
     sq = (x * x).sum(dim=1)
     dist = torch.empty(d, d, dtype=torch.float32, device=x.device)
     for start in range(0, d, _CHUNK):
         stop = min(start + _CHUNK, d)
-        block = sq[start:stop, None] + sq[None, :] - 2.0 * (x[start:stop] @ x.T)
-        dist[start:stop] = block.clamp_(min=0)
-    return dist
+        torch.addmm(sq[start:stop, None] + sq[None, :], x[start:stop], x.T, alpha=-2.0, out=dist[start:stop])
+    return dist.clamp_(min=0)
 
 
 def nearest_neighbor_order(matrix: torch.Tensor, two_ended: bool = False, refine_passes: int = 8) -> torch.Tensor:
@@ -42,37 +41,44 @@ def nearest_neighbor_order(matrix: torch.Tensor, two_ended: bool = False, refine
     d = matrix.shape[0]
     if d <= 2:
         return torch.arange(d, device=matrix.device)
-    x = matrix.float()
-    start = int(((x - x.mean(dim=0, keepdim=True)) ** 2).sum(dim=1).argmax())
-    dist = pairwise_sq_distances(x)
-    order = _greedy_chain(dist.clone(), start, two_ended)
+    dist = pairwise_sq_distances(matrix)
+    # the row farthest from the mean: ||x_i - mean||^2 = mean of its distances to all rows minus a constant
+    start = int(dist.mean(dim=1).argmax())
+    order = _greedy_chain(dist, start, two_ended)
     return _two_opt(order, dist, refine_passes).to(matrix.device)
 
 
 def _greedy_chain(dist: torch.Tensor, start: int, two_ended: bool) -> torch.Tensor:
     d = dist.shape[0]
-    # unused rows keep their distances; used ones are pushed to infinity column by column
-    dist[:, start] = float("inf")
+    # used rows are pushed to infinity through a penalty added to each looked-up row; dist stays intact
+    used = torch.zeros(d, dtype=dist.dtype, device=dist.device)
+    used[start] = float("inf")
+
+    def nearest(row: int) -> tuple[int, float]:
+        candidates = dist[row] + used
+        best = int(candidates.argmin())
+        return best, float(candidates[best])
+
     if not two_ended:
         order = [start]
         current = start
         for _ in range(d - 1):
-            current = int(dist[current].argmin())
-            dist[:, current] = float("inf")
+            current, _ = nearest(current)
+            used[current] = float("inf")
             order.append(current)
         return torch.tensor(order, dtype=torch.long)
     head, tail = [start], []
     head_end = tail_end = start
     for _ in range(d - 1):
-        head_next = int(dist[head_end].argmin())
-        tail_next = int(dist[tail_end].argmin())
-        if dist[tail_end, tail_next] < dist[head_end, head_next]:
+        head_next, head_dist = nearest(head_end)
+        tail_next, tail_dist = nearest(tail_end)
+        if tail_dist < head_dist:
             tail.append(tail_next)
             tail_end = chosen = tail_next
         else:
             head.append(head_next)
             head_end = chosen = head_next
-        dist[:, chosen] = float("inf")
+        used[chosen] = float("inf")
     # the tail grew backwards from the start
     return torch.tensor(tail[::-1] + head, dtype=torch.long)
 
