@@ -18,7 +18,7 @@ from spectral_peft.s2ft.ordering import nearest_neighbor_order
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["768x768", "4096x4096", "4096x11008"])
-    parser.add_argument("--refine-passes", type=int, nargs="+", default=[0, 8])
+    parser.add_argument("--refine-passes", type=int, nargs="+", default=[0, 3])
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []

@@ -65,10 +65,10 @@ def _stencil_gradients(
     if spec.locations is not None:
         if spec.train_locations:
             m, n = spec.out_features, spec.in_features
-            a = spec.coefficients.detach().float()
             d_row = spectral_grad_at((rows + 1).clamp(max=m - 1), cols) - spectral_grad_at((rows - 1).clamp(min=0), cols)
             d_col = spectral_grad_at(rows, (cols + 1).clamp(max=n - 1)) - spectral_grad_at(rows, (cols - 1).clamp(min=0))
-            loc_grad = (torch.stack([d_row, d_col]) * (a / 2)).to(spec.locations.dtype)
+            half_a = spec.coefficients.detach().to(d_row.dtype) / 2
+            loc_grad = (torch.stack([d_row, d_col]) * half_a).to(spec.locations.dtype)
         else:
             # A zero gradient, never None: DistributedDataParallel expects every trainable parameter to get one.
             loc_grad = torch.zeros_like(spec.locations)

@@ -85,6 +85,9 @@ class LocaSchedule:
         with torch.no_grad():
             for param, value in self._snapshots:
                 param.copy_(value)
+        # take (or refuse) the step's location moves under the phase that made them, before switching
+        for layer, name in self.layers:
+            layer.commit_locations(name)
         self.step_count += 1
         self._apply()
 
@@ -94,7 +97,6 @@ class LocaSchedule:
             phase = self.phase(name)
             train_coefficients, train_locations = phase != LOCATIONS, phase == LOCATIONS
             layer.set_phase(name, train_coefficients, train_locations)
-            layer.commit_locations(name)
             frozen = []
             if not train_coefficients:
                 frozen.append(layer.loca_coefficients[name])

@@ -29,7 +29,7 @@ class S2FTConfig(SpectralConfig):
     prior_steps: int = field(default=50, metadata={"help": "Optimizer steps of the LoRA warm-up prior."})
     prior_rank: int = field(default=8, metadata={"help": "LoRA rank of the warm-up prior."})
     prior_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA warm-up prior."})
-    refine_passes: int = field(default=8, metadata={"help": "2-opt passes refining each greedy ordering (0: none)."})
+    refine_passes: int = field(default=3, metadata={"help": "2-opt passes refining each greedy ordering (0: none)."})
 
     def __post_init__(self):
         super().__post_init__()

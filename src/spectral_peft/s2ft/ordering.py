@@ -25,7 +25,7 @@ def pairwise_sq_distances(matrix: torch.Tensor) -> torch.Tensor:
     return dist.clamp_(min=0)
 
 
-def nearest_neighbor_order(matrix: torch.Tensor, two_ended: bool = False, refine_passes: int = 8) -> torch.Tensor:
+def nearest_neighbor_order(matrix: torch.Tensor, two_ended: bool = False, refine_passes: int = 3) -> torch.Tensor:
     """A permutation of the rows of ``matrix`` (d x k) by the greedy nearest-neighbour chain.
 
     Start at the row farthest from the mean row, then repeatedly append the nearest unused row (squared
