@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -31,6 +32,32 @@ def _loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
     return loss
 
 
+@contextlib.contextmanager
+def _kept_state(model: nn.Module, requires_grad: bool = True) -> Iterator[None]:
+    """Restore every module's train/eval mode (and, optionally, every ``requires_grad`` flag) on the way out."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()] if requires_grad else []
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def _remove_adapters(tuner_model: nn.Module, model: nn.Module, had_config: bool) -> None:
+    """Undo get_peft_model on ``model``: originals back in place of modules_to_save copies, layers unloaded."""
+    inner = tuner_model.base_model.model
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            setattr(inner.get_submodule(parent_name), child, module.original_module)
+    tuner_model.base_model.unload()
+    if not had_config and hasattr(model, "peft_config"):
+        del model.peft_config
+
+
 def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable, num_batches: int) -> dict[str, torch.Tensor]:
     """Minus the gradient of the loss w.r.t. each target weight, summed over ``num_batches`` batches.
 
@@ -38,12 +65,10 @@ def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable
     no optimizer state exists); every ``requires_grad`` flag and the train/eval mode are restored.
     """
     weights = [layer.get_base_layer().weight for layer in layers]
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     priors = [torch.zeros(layer.out_features, layer.in_features) for layer in layers]
     seen = 0
-    try:
-        for p in flags:
+    with _kept_state(model):
+        for p in model.parameters():
             p.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
@@ -54,10 +79,6 @@ def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable
                 grad = grad.T if layer.fan_in_fan_out else grad
                 prior -= grad.detach().float().cpu()
             seen += 1
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     if seen == 0:
         raise ValueError("prepare_s2ft: the batch iterable yielded no batch")
     return {layer.module_name: prior for layer, prior in zip(layers, priors)}
@@ -79,33 +100,30 @@ def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[
         task_type=config.task_type,
     )
     had_config = hasattr(model, "peft_config")
-    lora_model = get_peft_model(model, lora_config, adapter_name="s2ft_prior")
-    try:
-        optimizer = torch.optim.Adam([p for p in lora_model.parameters() if p.requires_grad], lr=config.prior_lr)
-        lora_model.train()
-        steps = 0
-        for batch in itertools.islice(itertools.cycle(batches), config.prior_steps):
-            _loss(lora_model, batch).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
-        if steps == 0:
-            raise ValueError("prepare_s2ft: the batch iterable yielded no batch")
-        priors = {}
-        for name, module in lora_model.base_model.model.named_modules():
-            if isinstance(module, LoraLayer) and "s2ft_prior" in module.lora_A:
-                a = module.lora_A["s2ft_prior"].weight
-                b = module.lora_B["s2ft_prior"].weight
-                priors[name] = (module.scaling["s2ft_prior"] * (b @ a)).detach().float().cpu()
-    finally:
-        # put the untouched original back where the warm-up trained a copy (unload would keep the copy)
-        for name, module in list(lora_model.base_model.model.named_modules()):
-            if isinstance(module, ModulesToSaveWrapper):
-                parent_name, _, child = name.rpartition(".")
-                setattr(lora_model.base_model.model.get_submodule(parent_name), child, module.original_module)
-        lora_model.base_model.unload()
-        if not had_config and hasattr(model, "peft_config"):
-            del model.peft_config
+    with _kept_state(model):
+        lora_model = get_peft_model(model, lora_config, adapter_name="s2ft_prior")
+        try:
+            # half-precision trainable copies (a modules_to_save head of an fp16 model) would turn NaN under
+            # Adam (its eps rounds to 0 in fp16): the warm-up trains the float32 LoRA factors only then
+            trainable = [p for p in lora_model.parameters() if p.requires_grad and p.dtype in (torch.float32, torch.float64)]
+            optimizer = torch.optim.Adam(trainable, lr=config.prior_lr)
+            lora_model.train()
+            steps = 0
+            for batch in itertools.islice(itertools.cycle(batches), config.prior_steps):
+                _loss(lora_model, batch).backward()
+                optimizer.step()
+                lora_model.zero_grad(set_to_none=True)
+                steps += 1
+            if steps == 0:
+                raise ValueError("prepare_s2ft: the batch iterable yielded no batch")
+            priors = {}
+            for name, module in lora_model.base_model.model.named_modules():
+                if isinstance(module, LoraLayer) and "s2ft_prior" in module.lora_A:
+                    a = module.lora_A["s2ft_prior"].weight
+                    b = module.lora_B["s2ft_prior"].weight
+                    priors[name] = (module.scaling["s2ft_prior"] * (b @ a)).detach().float().cpu()
+        finally:
+            _remove_adapters(lora_model, model, had_config)
     return priors
 
 
@@ -146,6 +164,9 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
     if not isinstance(config, S2FTConfig):
         raise TypeError(f"prepare_s2ft needs an S2FTConfig, got {type(config).__name__}")
     lora_priors = lora_prior(model, config, batches) if config.prior == "lora" else None
+    had_config = hasattr(model, "peft_config")
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     try:
         layers = [m for m in peft_model.modules() if isinstance(m, S2FTLinear) and adapter_name in m.s2ft_coefficients]
@@ -172,8 +193,16 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
             layer.set_orders(adapter_name, row_order, col_order)
             layer.set_locations(adapter_name, cells)
     except BaseException:
-        peft_model.base_model.unload()
-        if hasattr(model, "peft_config"):
-            del model.peft_config
+        _remove_adapters(peft_model, model, had_config)
+        for param, flag in flags:
+            param.requires_grad_(flag)
         raise
+    finally:
+        # the caller's train/eval mode, module by module (the new wrappers follow the model's own flag)
+        known = {id(module) for module, _ in modes}
+        for module in peft_model.modules():
+            if id(module) not in known:
+                module.training = modes[0][1]  # the model's own mode
+        for module, mode in modes:
+            module.training = mode
     return peft_model

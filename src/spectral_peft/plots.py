@@ -1,0 +1,92 @@
+"""PNG plots of a training run and of a comparison (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Optional
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: pathlib.Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_training(path: pathlib.Path, losses: list[float], validation: list[dict], metric: str,
+                  title: str = "", phases: Optional[list] = None) -> None:
+    """Training loss per optimizer step (raw and smoothed) and the validation ``metric`` curve, side by side."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = list(range(1, len(losses) + 1))
+    left.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        left.plot(steps, _smooth(losses, window), color="tab:blue", linewidth=1.6, label=f"mean of {window}")
+    if phases and any(p == "locations" for p in phases):
+        for i, phase in enumerate(phases):
+            if phase == "locations":
+                left.axvspan(i + 0.5, i + 1.5, color="tab:orange", alpha=0.12, linewidth=0)
+        left.plot([], [], color="tab:orange", alpha=0.3, linewidth=6, label="LoCA location steps")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("training loss")
+    left.legend(loc="upper right", fontsize=8)
+    left.grid(alpha=0.3)
+    points = [(v["step"], v[metric]) for v in validation if metric in v]
+    if points:
+        right.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:green")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel(f"validation {metric.replace('_', ' ')}")
+    right.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_comparison(path: pathlib.Path, rows: list[dict], metric: str, title: str = "") -> None:
+    """Test ``metric`` (mean, with the std over seeds as error bars) against trainable parameters, log x."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for index, method in enumerate(methods):
+        mine = sorted((r for r in rows if r["method"] == method and r.get(f"{metric}_mean") is not None),
+                      key=lambda r: r["trainable_params"])
+        if not mine:
+            continue
+        xs = [r["trainable_params"] for r in mine]
+        ys = [r[f"{metric}_mean"] for r in mine]
+        errors = [r.get(f"{metric}_std") or 0.0 for r in mine]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method, color=f"C{index}")
+        for r, x, y in zip(mine, xs, ys):
+            ax.annotate(r["budget"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"test {metric.replace('_', ' ')}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
