@@ -37,11 +37,9 @@ class SpectralModel(BaseTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         base_layer_shape(base, current_key)  # a clear TypeError for unsupported modules
-        if isinstance(base, Conv1D) != bool(config.fan_in_fan_out):
-            warnings.warn(
-                f"fan_in_fan_out={config.fan_in_fan_out} does not match '{current_key}' "
-                f"({type(base).__name__}); using {isinstance(base, Conv1D)}"
-            )
+        if config.fan_in_fan_out and not isinstance(base, Conv1D):
+            # the layout is read off the module type (Conv1D stores (in, out)), so the flag is only advisory
+            warnings.warn(f"fan_in_fan_out=True but '{current_key}' is a {type(base).__name__}; using its (out, in) layout")
         new_module = self.tuner_layer_cls(
             target, adapter_name, config=_with_n_frequency(config, n_frequency), module_name=current_key
         )

@@ -88,13 +88,13 @@ def load_task(name: str, seed: int = 0, validation_fraction: float = 0.1, test_f
         elif suffix == ".jsonl":
             rows = _read_jsonl(path)
         elif suffix in TEXT_SUFFIXES:
-            return _read_text_task(path)
+            return _read_text_task(path.resolve())
         else:
             raise UsageError(
                 f"task file '{name}' has an unknown type '{suffix or '(no suffix)'}'; expected .csv or .jsonl "
                 "(columns text, label) or .txt (language modelling)"
             )
-        return _classification_task(str(path), rows, seed, validation_fraction, test_fraction)
+        return _classification_task(str(path.resolve()), rows, seed, validation_fraction, test_fraction)
     if looks_like_path(name):
         raise UsageError(f"task file not found: {name}")
     return _load_hub_dataset(name, seed, validation_fraction, test_fraction)

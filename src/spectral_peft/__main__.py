@@ -1,0 +1,7 @@
+"""``python -m spectral_peft``: the ``spectral-peft`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
