@@ -47,7 +47,7 @@ def build(method: str, base, n: int, rank: int, batch):
                     layer.set_phase("default", train_coefficients=False, train_locations=True)
         return peft_model
     if method == "s2ft":
-        return prepare_s2ft(model, S2FTConfig(n_frequency=n, target_modules=TARGETS, prior_batches=1, **head), [batch])
+        return prepare_s2ft(model, S2FTConfig(n_frequency=n, target_modules=TARGETS, prior="gradient", prior_batches=1, **head), [batch])
     raise ValueError(f"unknown method {method!r}")
 
 
