@@ -22,8 +22,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH) -e ".[test]"
 	touch $(STAMP)
 
+# A short comparison on the offline defaults (all-MiniLM-L6-v2 + BBC News): LoCA, S2FT, LoRA and FourierFT at one
+# small budget, one seed, 60 steps; prints the table (runs/demo/results.md). Finished cells are skipped on a rerun:
+# `rm -rf runs/demo` to start again. The LoCA cycle is scaled to the short run (5 coefficient steps, 10 location
+# steps, locations learn for the first 15 steps).
+DEMO_OUTPUT ?= runs/demo
+DEMO_STEPS ?= 60
+
 demo: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/loca_bbc_news.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m spectral_peft compare \
+		--methods loca,s2ft,lora,fourierft --budgets 300 --ranks 1 --seeds 0 \
+		--steps $(DEMO_STEPS) --batch-size 16 --max-length 128 --eval-every 0 \
+		--loca-coefficient-steps 5 --loca-location-steps 10 --location-learning-steps 15 \
+		--output $(DEMO_OUTPUT)
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q

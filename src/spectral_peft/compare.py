@@ -10,6 +10,7 @@ trainable parameters, log x) are written and the table is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from .finetune import (
     METHODS,
     METRICS_FILE,
     SPECTRAL_METHODS,
+    TRAINING_KEYS,
     add_training_arguments,
     check_arguments,
     check_compatible,
@@ -32,6 +34,7 @@ from .finetune import (
     load_tokenizer,
     main_metric,
     resolve_model,
+    resolve_settings,
     write_json,
 )
 from .tasks import CLASSIFICATION, load_task
@@ -194,11 +197,23 @@ def markdown_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def _stale(folder: pathlib.Path, wanted: dict) -> str:
+    """'' when the finished cell was made with the training options asked for now, else the first difference."""
+    try:
+        made = json.loads((folder / METRICS_FILE).read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        return "unreadable metrics.json"
+    for key in TRAINING_KEYS:
+        if made.get(key) != wanted.get(key):
+            return f"--{key.replace('_', '-')} {made.get(key)!r}, now {wanted.get(key)!r}"
+    return ""
+
+
 def _read_cell(folder: pathlib.Path, cell: dict) -> dict:
     record = {k: cell[k] for k in ("method", "budget", "seed", "name")}
     record["folder"] = str(folder)
     path = folder / METRICS_FILE
-    if not path.is_file():
+    if not path.is_file() or cell.get("status", "finished") != "finished":
         record["status"] = cell.get("status", "missing")
         return record
     metrics = json.loads(path.read_text())
@@ -234,10 +249,13 @@ def run_compare(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     task = load_task(args.task, seeds[0], args.val_fraction, args.test_fraction)
     info = resolve_model(args.model)
     check_compatible(info, task)
-    encode_task(task, load_tokenizer(info), args.max_length, seeds[0], args.val_fraction, args.test_fraction)
+    encoded = encode_task(task, load_tokenizer(info), args.max_length, seeds[0], args.val_fraction,
+                          args.test_fraction)
+    n_train = len(encoded["train"]["labels"])
     if "lora" not in methods:
         ranks = []
     metric = main_metric(task.kind)
@@ -248,24 +266,38 @@ def run_compare(args: argparse.Namespace) -> int:
           + (f", ranks {ranks}" if "lora" in methods else "") + f"; seeds {seeds}) into {output}", file=sys.stderr)
     for index, cell in enumerate(cells, start=1):
         folder = output / "cells" / cell["name"]
+        namespace = cell_namespace(args, cell, lrs, scalings, folder)
         if (folder / METRICS_FILE).is_file():
-            print(f"[{index}/{len(cells)}] {cell['name']}: finished before, skipped", file=sys.stderr)
-            cell["status"] = "finished"
+            difference = _stale(folder, resolve_settings(namespace, task, n_train, info))
+            if difference:
+                print(f"[{index}/{len(cells)}] {cell['name']}: finished before with other options ({difference}); "
+                      "left out of the results: remove the folder to run it again", file=sys.stderr)
+                cell["status"] = f"stale ({difference})"
+            else:
+                print(f"[{index}/{len(cells)}] {cell['name']}: finished before, skipped", file=sys.stderr)
+                cell["status"] = "finished"
             continue
         print(f"[{index}/{len(cells)}] {cell['name']}", file=sys.stderr)
-        namespace = cell_namespace(args, cell, lrs, scalings, folder)
         if args.in_process:
             from .finetune import run_finetune
 
             try:
-                code = run_finetune(namespace)
+                with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the table
+                    code = run_finetune(namespace)
             except (UsageError, TrainingError) as error:
                 print(f"spectral-peft: error: {error}", file=sys.stderr)
                 code = 2 if isinstance(error, UsageError) else 1
         else:
             argv = [sys.executable, "-m", "spectral_peft", *cell_argv(namespace)]
             print("  " + " ".join(shlex.quote(a) for a in argv[1:]), file=sys.stderr)
-            code = subprocess.run(argv, env=os.environ.copy()).returncode
+            try:  # the cell's stdout goes to stderr: stdout carries only the table
+                streams = {"stdout": sys.stderr.fileno()}
+            except (AttributeError, OSError, ValueError):  # stderr is not a file (captured): collect and pass on
+                streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+            result = subprocess.run(argv, env=os.environ.copy(), **streams)
+            if result.stdout:
+                sys.stderr.write(result.stdout)
+            code = result.returncode
         cell["status"] = "finished" if code == 0 and (folder / METRICS_FILE).is_file() else f"failed (exit {code})"
         if code == 130:
             raise KeyboardInterrupt

@@ -681,6 +681,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     import spectral_peft  # noqa: F401  (registers the methods with PEFT)
 
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -717,7 +718,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     run_info = {
         "method": settings["method"],
         "model": info.path,
-        "model_arg": info.arg,
+        "model_arg": settings["model"],  # None: the default offline MiniLM (found again where evaluate runs)
         "task": task.name,
         "task_kind": task.kind,
         "seed": args.seed,
@@ -839,7 +840,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     files = save_model(model, output)
     from .plots import plot_training
 
-    title = f"{settings['method']} on {task.name}"
+    title = f"{settings['method']} on {pathlib.Path(task.name).name}"
     plot_training(output / PLOT_FILE, history["loss"], history["validation"], metric, title=title,
                   phases=history["phase"] if schedule is not None else None)
     times = history["step_times"]
@@ -919,6 +920,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import spectral_peft  # noqa: F401
 
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     task = load_task(run["task"], run["seed"], run["val_fraction"], run["test_fraction"])

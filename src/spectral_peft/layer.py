@@ -210,9 +210,11 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         if not torch.isfinite(param).all():
             param.copy_(cells.to(param.dtype))
             return cells
+        # clamp the floats themselves, not only their cells: a location pushed past a border would otherwise be
+        # saved outside the matrix (and refused at load) while it still computes with the border cell
+        param[0].clamp_(0, self.out_features - 1)
+        param[1].clamp_(0, self.in_features - 1)
         proposed = param.round().long()
-        proposed[0].clamp_(0, self.out_features - 1)
-        proposed[1].clamp_(0, self.in_features - 1)
         if torch.equal(proposed, cells):
             return cells
         _, train_locations = self._container("phase")[adapter_name]
@@ -220,8 +222,6 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
             new_cells = resolve_moves(cells, proposed, self.shape)
             refused = (new_cells != proposed).any(dim=0)
             param[:, refused] = new_cells[:, refused].to(param.dtype)
-            param[0].clamp_(0, self.out_features - 1)
-            param[1].clamp_(0, self.in_features - 1)
             cells.copy_(new_cells)
         else:
             param.copy_(cells.to(param.dtype))

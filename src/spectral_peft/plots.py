@@ -38,8 +38,8 @@ def plot_training(path: pathlib.Path, losses: list[float], validation: list[dict
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = list(range(1, len(losses) + 1))
-    left.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
     window = max(1, len(losses) // 20)
+    left.plot(steps, losses, color="tab:blue", alpha=0.3 if window > 1 else 1.0, linewidth=0.8, label="loss")
     if window > 1:
         left.plot(steps, _smooth(losses, window), color="tab:blue", linewidth=1.6, label=f"mean of {window}")
     if phases and any(p == "locations" for p in phases):

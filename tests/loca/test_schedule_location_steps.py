@@ -119,6 +119,37 @@ def test_move_onto_occupied_cell_is_refused():
     assert torch.unique(cells[0] * 32 + cells[1]).numel() == cells.shape[1]
 
 
+@pytest.mark.parametrize("past", [-0.6, 0.45])
+def test_a_location_pushed_past_the_border_stays_inside_and_is_saved_loadable(tmp_path, past):
+    """Pushed outwards by less than the rounding distance, a border location keeps its cell and its float is
+    clamped, so the saved adapter loads (it used to be saved at e.g. -0.6 and refused at load)."""
+    from peft import PeftModel
+
+    model = make_model(coefficient_steps=0, location_steps=5, location_learning_steps=50)
+    spectral_peft.LocaSchedule(model)
+    layer = loca_layers(model)[0]
+    cells = layer.loca_cells["default"]
+    border = layer.out_features - 1
+    index = 0
+    with torch.no_grad():
+        # move coefficient 0 onto a free cell of the first (past < 0) or last row, then push it past that border
+        row = 0 if past < 0 else border
+        col = next(c for c in range(layer.in_features) if not ((cells[0] == row) & (cells[1] == c)).any())
+        layer.loca_locations["default"][:, index] = torch.tensor([row, col], dtype=torch.float32)
+        layer.commit_locations("default")
+        layer.loca_locations["default"][0, index] = row + past
+    assert tuple(layer.commit_locations("default")[:, index].tolist()) == (row, col)
+    assert layer.loca_locations["default"][0, index].item() == row
+    inputs = make_input_ids()
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(BERT.build(0), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=inputs).logits, expected)
+
+
 @pytest.mark.parametrize("optimizer_cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_real_training_phases_freeze_the_other_part(optimizer_cls):
     model = make_model(coefficient_steps=1, location_steps=2, location_learning_steps=6)
