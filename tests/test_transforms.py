@@ -193,3 +193,13 @@ def test_non_float_raises_type_error(fn, dtype):
     x = torch.ones(4, 5, dtype=dtype)
     with pytest.raises(TypeError):
         fn(x, -1)
+
+
+@pytest.mark.parametrize("fn", [dct, idct])
+@pytest.mark.parametrize("shape, dim", [((0, 8), -1), ((3, 0), -1), ((0, 8), 0)])
+def test_empty_input_gives_empty_output(fn, shape, dim):
+    x = torch.zeros(shape, requires_grad=True)
+    y = fn(x, dim=dim)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape

@@ -1,4 +1,4 @@
-"""``spectral-peft``: fine-tune with LoCA, S2FT, FourierFT, LoRA or full fine-tuning; evaluate; compare.
+"""spectral-peft: fine-tune with LoCA, S2FT, FourierFT, LoRA or full fine-tuning; evaluate; compare.
 
     spectral-peft finetune --method loca --n-frequency 300 --output runs/loca      # MiniLM + BBC News, offline
     spectral-peft evaluate --adapter runs/loca

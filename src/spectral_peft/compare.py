@@ -33,6 +33,7 @@ from .finetune import (
     encode_task,
     load_tokenizer,
     main_metric,
+    quiet_libraries,
     resolve_model,
     resolve_settings,
     write_json,
@@ -245,11 +246,7 @@ def run_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--output {output} is a file, not a folder")
 
     # the task and the model must be usable before any cell starts
-    import spectral_peft  # noqa: F401
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    quiet_libraries()
     task = load_task(args.task, seeds[0], args.val_fraction, args.test_fraction)
     info = resolve_model(args.model)
     check_compatible(info, task)

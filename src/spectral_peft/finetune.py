@@ -111,8 +111,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, grid: bool = False) 
                         help="LoCA: location-only steps per cycle, B_l (default 20)")
     method.add_argument("--location-learning-steps", type=int, default=None,
                         help="LoCA: steps during which locations may move, B_s (default 10%% of the steps)")
-    method.add_argument("--s2ft-prior", choices=("gradient", "lora"), default="gradient",
-                        help="S2FT: prior weight change (default gradient)")
+    method.add_argument("--s2ft-prior", choices=("gradient", "lora"), default=None,
+                        help="S2FT: prior weight change (default S2FTConfig's: lora, a short LoRA warm-up; gradient "
+                             "is cheaper)")
     method.add_argument("--prior-batches", type=int, default=8,
                         help="S2FT: training batches for the prior (default 8)")
     method.add_argument("--s2ft-transform", choices=("dct", "dft"), default="dct", help="S2FT: transform (default dct)")
@@ -321,6 +322,10 @@ def resolve_settings(args: argparse.Namespace, task: Task, n_train: int, info: O
     if method != "s2ft":
         for key in ("s2ft_prior", "prior_batches", "s2ft_transform"):
             settings[key] = None
+    elif settings["s2ft_prior"] is None:
+        from .s2ft.config import S2FTConfig
+
+        settings["s2ft_prior"] = S2FTConfig.__dataclass_fields__["prior"].default
     if task.kind != CLASSIFICATION:
         settings["head_lr"] = None
     return settings
@@ -664,6 +669,20 @@ def _log(message: str, quiet: bool = False) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def quiet_libraries() -> None:
+    """Register the methods with PEFT and keep transformers' info messages, download bars and deprecation notes
+    about its own internals (raised from inside PEFT) out of the command's output."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    import spectral_peft  # noqa: F401  (registers the methods with PEFT)
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     """``spectral-peft finetune``: returns the exit code; raises UsageError for bad input."""
     started = time.perf_counter()
@@ -676,12 +695,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
 
     import torch
-    from transformers.utils import logging as transformers_logging
 
-    import spectral_peft  # noqa: F401  (registers the methods with PEFT)
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -915,12 +930,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {folder}: {_first_line(error)}") from None
 
     import torch
-    from transformers.utils import logging as transformers_logging
 
-    import spectral_peft  # noqa: F401
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     task = load_task(run["task"], run["seed"], run["val_fraction"], run["test_fraction"])

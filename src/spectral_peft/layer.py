@@ -313,9 +313,24 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
     # loading and saving: never accept a state that would be a silently wrong model
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self.check_loadable(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def check_loadable(self, state_dict, prefix: str) -> None:
+        """Raise a ValueError naming the module, adapter and field if ``state_dict`` (keys under ``prefix``) holds
+        a state of this layer that would compute a wrong model: another shape, non-finite coefficients, locations
+        outside the matrix or shared, orderings that are not permutations."""
         p = self.prefix
+        saved = [p + "coefficients", p + "shape"] + ([p + "locations"] if self.saves_locations else []) + (
+            [p + "row_order", p + "col_order"] if self.has_orders else [])
         for name in self._adapter_names():
             where = f"Module '{self.module_name}', adapter '{name}'"
+            # a saved adapter holds its shape record and everything else; a state without the shape record is a
+            # partial one composed by hand (e.g. coefficients only) and loads onto the layer's own placement
+            present = [key for key in saved if f"{prefix}{key}.{name}" in state_dict]
+            if p + "shape" in present and len(present) < len(saved):
+                missing = ", ".join(key for key in saved if key not in present)
+                raise ValueError(f"{where}: the saved adapter has {', '.join(present)} but no {missing}")
             shape = state_dict.get(f"{prefix}{p}shape.{name}")
             if shape is not None and tuple(int(v) for v in shape.tolist()) != self.shape:
                 raise ValueError(
@@ -333,7 +348,6 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
                     order = state_dict.get(f"{prefix}{p}{what}.{name}")
                     if order is not None:
                         check_permutation(order, size, f"{where}, {p}{what}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @staticmethod
     def _cells_from_loaded_locations(layer, incompatible_keys) -> None:

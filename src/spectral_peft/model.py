@@ -32,8 +32,10 @@ class SpectralModel(BaseTuner):
             if current_key == pattern or re.match(rf"(.*\.)?{pattern}$", current_key):
                 n_frequency = value
                 break
+        undo = getattr(self, "_undo_injection", [])
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, n_frequency=n_frequency)
+            undo.append(lambda: target.delete_adapter(adapter_name))
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         base_layer_shape(base, current_key)  # a clear TypeError for unsupported modules
@@ -47,7 +49,37 @@ class SpectralModel(BaseTuner):
             # an added adapter is not trainable until it is set active
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+        undo.append(lambda: setattr(parent, target_name, target))
 
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        # all or nothing: when a target fails (n_frequency too large, an unsupported module), the targets already
+        # wrapped or given the adapter are put back, so the model is left as it was
+        self._undo_injection = []
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            for undo in reversed(self._undo_injection):
+                undo()
+            raise
+        finally:
+            self._undo_injection = []
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # every layer's state is checked before any tensor is copied, so a bad adapter file loads nothing; an
+        # adapter that load_adapter() added for it (inactive, beside others) is removed again
+        try:
+            for name, layer in self.model.named_modules():
+                if isinstance(layer, SpectralLinear):
+                    layer.check_loadable(state_dict, f"{prefix}model.{name}.")
+        except ValueError:
+            marker = f".{self.prefix}coefficients."
+            loading = {key.split(marker, 1)[1] for key in state_dict if marker in key}
+            for name in sorted(loading):
+                if name in self.peft_config and name not in self.active_adapters and len(self.peft_config) > 1:
+                    self.delete_adapter(name)
+            raise
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_finite(self, adapter_names) -> None:
         # with safe_merge, refuse before any layer is merged, so a bad adapter never leaves the model half-merged

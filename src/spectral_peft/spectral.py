@@ -164,6 +164,8 @@ def apply_delta(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
     """``x @ dW^T`` through the transforms (activation path); returns the input's dtype."""
     n_in = spec.in_features
     lead = x.shape[:-1]
+    if x.numel() == 0:  # an empty batch (torch's FFTs refuse empty input)
+        return x.new_zeros(*lead, spec.out_features)
     work = x.reshape(-1, n_in).to(_compute_dtype(x.dtype))
     if spec.col_order is not None:
         work = work.index_select(-1, spec.col_order)

@@ -56,6 +56,8 @@ def _along(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
     in_dtype = x.dtype
     if not in_dtype.is_floating_point:
         raise TypeError(f"DCT needs a floating-point tensor, got {in_dtype}")
+    if x.numel() == 0:  # nothing to transform (the FFT refuses empty input)
+        return x.clone()
     work = x if in_dtype in _COMPUTE_DTYPES else x.float()
     moved = work.movedim(dim, -1)
     out = fn(moved).movedim(-1, dim)

@@ -73,7 +73,8 @@ def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable
         for w in weights:
             w.requires_grad_(True)
         model.eval()  # deterministic: no dropout, so every rank and every rerun gets the same prior
-        for batch in itertools.islice(batches, num_batches):
+        prior_batches = itertools.islice(batches, num_batches)
+        for batch in tqdm(prior_batches, total=num_batches, desc="S2FT gradient prior", unit="batch", leave=False):
             grads = torch.autograd.grad(_loss(model, batch), weights)
             for prior, layer, grad in zip(priors, layers, grads):
                 grad = grad.T if layer.fan_in_fan_out else grad
@@ -109,7 +110,8 @@ def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[
             optimizer = torch.optim.Adam(trainable, lr=config.prior_lr)
             lora_model.train()
             steps = 0
-            for batch in itertools.islice(itertools.cycle(batches), config.prior_steps):
+            warm_up = itertools.islice(itertools.cycle(batches), config.prior_steps)
+            for batch in tqdm(warm_up, total=config.prior_steps, desc="S2FT LoRA prior", unit="step", leave=False):
                 _loss(lora_model, batch).backward()
                 optimizer.step()
                 lora_model.zero_grad(set_to_none=True)
