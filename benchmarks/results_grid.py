@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -66,6 +67,13 @@ def main() -> None:
         cells = ", ".join(f"lr {lr:.3g}: acc {v['accuracy']:.4f} loss {v['loss']:.4f}" for lr, v in trials)
         print(f"  {method}: {cells} -> {best[0]:.3g}")
     (output / "tuned_lr.json").write_text(json.dumps({"trials": tuning, "chosen": chosen}, indent=1))
+    # the tuning cell of the kept learning rate is the grid's seed-0 cell at that budget: not run twice
+    for method, lr in chosen.items():
+        factor = next(f for f in FACTORS if DEFAULT_LR[method] * f == lr)
+        source = next((output / f"tune-x{factor:.2f}" / "cells").glob(f"{method}-*-seed0"))
+        target = output / "grid" / "cells" / source.name
+        if not target.exists():
+            shutil.copytree(source, target)
 
     compare(output / "grid", common, METHODS, "100,300,1000", "1,4,8", args.seeds, chosen)
 

@@ -147,3 +147,12 @@ def test_zero_matrix_is_zero():
 def test_bad_input_raises_value_error(matrix, k, transform):
     with pytest.raises(ValueError):
         spectral_energy(matrix, k, transform=transform)
+
+
+@pytest.mark.parametrize("order, message", [(torch.zeros(6, dtype=torch.long), "not a permutation"),
+                                            (torch.arange(5), "permutation of 6"),
+                                            (torch.arange(6.0), "integer")])
+@pytest.mark.parametrize("which", ["row_order", "col_order"])
+def test_orders_must_be_permutations(order, message, which):
+    with pytest.raises(ValueError, match=rf"{which}.*{message}"):
+        spectral_energy(torch.randn(6, 6), 3, **{which: order})

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .spectral import check_permutation
 from .transforms import dct
 
 
@@ -20,7 +21,10 @@ def transform_2d(matrix: torch.Tensor, transform: str = "dct") -> torch.Tensor:
 
 
 def permute(matrix: torch.Tensor, row_order: Optional[torch.Tensor] = None, col_order: Optional[torch.Tensor] = None):
-    """``matrix[row_order][:, col_order]`` (either order may be None)."""
+    """``matrix[row_order][:, col_order]`` (either order may be None; each must be a permutation)."""
+    for what, order, size in (("row_order", row_order, matrix.shape[0]), ("col_order", col_order, matrix.shape[-1])):
+        if order is not None:
+            check_permutation(order, size, what)
     if row_order is not None:
         matrix = matrix.index_select(0, row_order.to(matrix.device))
     if col_order is not None:

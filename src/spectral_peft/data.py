@@ -73,12 +73,23 @@ def load_bbc_news(
     if tuple(topics) != BBC_NEWS_LABELS:
         raise FileNotFoundError(f"{root}: expected the topic folders {BBC_NEWS_LABELS}, found {tuple(topics)}")
 
+    by_label = [
+        [{"text": _read_text(path), "label": label} for path in sorted((root / topic).glob("*.txt"))]
+        for label, topic in enumerate(topics)
+    ]
+    return stratified_split(by_label, seed, validation_fraction, test_fraction)
+
+
+def stratified_split(
+    by_label: Sequence[list[dict]], seed: int, validation_fraction: float, test_fraction: float
+) -> dict[str, list[dict]]:
+    """Split examples grouped by label (in label order) as :func:`load_bbc_news` documents: each group shuffled
+    with one ``random.Random(seed)``, its first ``round(test_fraction * count)`` to test, the next
+    ``round(validation_fraction * count)`` to validation, the rest to train; then each split shuffled."""
     rng = random.Random(seed)
     splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
-    for label, topic in enumerate(topics):
-        examples = [
-            {"text": _read_text(path), "label": label} for path in sorted((root / topic).glob("*.txt"))
-        ]
+    for examples in by_label:
+        examples = list(examples)
         rng.shuffle(examples)
         n_test = round(test_fraction * len(examples))
         n_validation = round(validation_fraction * len(examples))

@@ -36,9 +36,9 @@ from .tasks import CLASSIFICATION, LANGUAGE_MODELING, SPLITS, Task, encode_task,
 
 METHODS = ("loca", "s2ft", "fourierft", "fastfourierft", "lora", "full")
 SPECTRAL_METHODS = ("loca", "s2ft", "fourierft", "fastfourierft")
-# learning rates of the trained update (coefficients, LoRA matrices, or every weight for `full`); chosen with a
-# short check on MiniLM + BBC News (docs/cli.md): with the orthonormal DCT one coefficient's atom has unit
-# Frobenius norm, so LoCA / S2FT at scaling 1 need a coefficient lr around 1e-2
+# learning rates of the trained update (coefficients, LoRA matrices, or every weight for `full`), from a short check
+# on MiniLM + BBC News; docs/results.md tunes x1/3, x1, x3 of these on validation (benchmarks/results_grid.py). With
+# the orthonormal DCT one coefficient's atom has unit Frobenius norm, so LoCA / S2FT at scaling 1 need about 1e-2.
 DEFAULT_LR = {"loca": 1e-2, "s2ft": 1e-2, "fourierft": 5e-2, "fastfourierft": 5e-2, "lora": 1e-3, "full": 5e-5}
 # the method's own default scaling (LoRA: PEFT's lora_alpha=8 whatever the rank; None here means that)
 DEFAULT_SCALING = {"loca": 1.0, "s2ft": 1.0, "fourierft": 150.0, "fastfourierft": 150.0, "lora": None, "full": None}

@@ -17,7 +17,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .spectral import TRANSFORMS, Spectrum, check_cells, delta_weight, apply_delta, spectral_forward
+from .spectral import TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, delta_weight, spectral_forward
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -365,17 +365,3 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}." + super().__repr__()
-
-
-def check_permutation(order: torch.Tensor, size: int, what: str) -> None:
-    """Raise unless ``order`` is a permutation of ``range(size)``."""
-    if order.dim() != 1 or order.numel() != size:
-        raise ValueError(f"{what}: expected a permutation of {size} indices, got shape {tuple(order.shape)}")
-    if order.is_floating_point() or order.is_complex():
-        raise ValueError(f"{what}: expected integer indices, got {order.dtype}")
-    seen = torch.zeros(size, dtype=torch.bool, device=order.device)
-    if order.numel() and (order.min() < 0 or order.max() >= size):
-        raise ValueError(f"{what}: indices outside 0..{size - 1}")
-    seen[order.long()] = True
-    if not seen.all():
-        raise ValueError(f"{what}: not a permutation ({int((~seen).sum())} indices missing, some repeated)")

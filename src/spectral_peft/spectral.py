@@ -271,3 +271,17 @@ def check_cells(cells: torch.Tensor, shape: tuple[int, int], what: str) -> None:
     flat = rows.long() * n + cols.long()
     if torch.unique(flat).numel() != flat.numel():
         raise ValueError(f"{what}: {flat.numel() - torch.unique(flat).numel()} locations share a cell with another")
+
+
+def check_permutation(order: torch.Tensor, size: int, what: str) -> None:
+    """Raise unless ``order`` is a permutation of ``range(size)``."""
+    if order.dim() != 1 or order.numel() != size:
+        raise ValueError(f"{what}: expected a permutation of {size} indices, got shape {tuple(order.shape)}")
+    if order.is_floating_point() or order.is_complex():
+        raise ValueError(f"{what}: expected integer indices, got {order.dtype}")
+    seen = torch.zeros(size, dtype=torch.bool, device=order.device)
+    if order.numel() and (order.min() < 0 or order.max() >= size):
+        raise ValueError(f"{what}: indices outside 0..{size - 1}")
+    seen[order.long()] = True
+    if not seen.all():
+        raise ValueError(f"{what}: not a permutation ({int((~seen).sum())} indices missing, some repeated)")

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .data import stratified_split
 from .errors import UsageError
 
 CLASSIFICATION, LANGUAGE_MODELING = "classification", "language-modeling"
@@ -244,17 +245,9 @@ def _classification_task(name: str, rows: list[dict], seed: int, validation_frac
                 )
             splits[split].append({"text": row["text"], "label": index[row["label"]]})
     else:
-        rng = random.Random(seed)
-        for value in values:
-            examples = [{"text": row["text"], "label": index[value]} for row in rows if row["label"] == value]
-            rng.shuffle(examples)
-            n_test = round(test_fraction * len(examples))
-            n_validation = round(validation_fraction * len(examples))
-            splits["test"] += examples[:n_test]
-            splits["validation"] += examples[n_test:n_test + n_validation]
-            splits["train"] += examples[n_test + n_validation:]
-        for split in SPLITS:
-            rng.shuffle(splits[split])
+        by_label = [[{"text": row["text"], "label": index[value]} for row in rows if row["label"] == value]
+                    for value in values]
+        splits = stratified_split(by_label, seed, validation_fraction, test_fraction)
     for split in SPLITS:
         if not splits[split]:
             how = "the file's 'split' column" if with_split else (

@@ -635,6 +635,12 @@ def test_prepare_with_other_config_is_type_error(batches):
     assert_not_wrapped(model)
 
 
+def test_prepare_on_a_peft_model_is_type_error(batches):
+    model = get_peft_model(build_bert(0), LocaConfig(target_modules=["query"], n_frequency=10))
+    with pytest.raises(TypeError, match="base model, not a PeftModel"):
+        prepare_s2ft(model, s2ft_config(), batches)
+
+
 def test_package_exports():
     assert spectral_peft.prepare_s2ft is prepare_s2ft
     assert spectral_peft.S2FTConfig is S2FTConfig

@@ -165,6 +165,11 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
     """
     if not isinstance(config, S2FTConfig):
         raise TypeError(f"prepare_s2ft needs an S2FTConfig, got {type(config).__name__}")
+    if isinstance(model, PeftModel):
+        raise TypeError(
+            "prepare_s2ft takes the base model, not a PeftModel: it would wrap the PeftModel in another one; pass "
+            "model.get_base_model() of a fresh model, or merge_and_unload() the other adapter first"
+        )
     lora_priors = lora_prior(model, config, batches) if config.prior == "lora" else None
     had_config = hasattr(model, "peft_config")
     modes = [(m, m.training) for m in model.modules()]
