@@ -137,6 +137,24 @@ def bert_case() -> ModelCase:
     return BERT
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The CLI's --threads sets torch's global thread count: every test leaves it as it found it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they make each step far slower:
+    a module asks for this with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_bert() -> BertForSequenceClassification:
     return build_bert(0)

@@ -10,20 +10,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from spectral_peft.cli import main
 
 from .cli_support import examples, make_tiny_bert, write_csv, write_jsonl
 
 FAST = ["--steps", "2", "--batch-size", "8", "--max-length", "16", "--n-frequency", "8", "--threads", "1", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

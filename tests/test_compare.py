@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from spectral_peft.cli import main
 from spectral_peft.compare import aggregate, cell_argv, markdown_table, parse_per_method, plan_cells
@@ -15,13 +14,6 @@ from .cli_support import examples, make_tiny_bert, write_csv
 
 FAST = ["--steps", "2", "--batch-size", "8", "--max-length", "16", "--eval-every", "0", "--prior-batches", "1",
         "--threads", "1", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,6 @@ FAST = ["--steps", "4", "--batch-size", "8", "--max-length", "16", "--eval-every
         "--rank", "2", "--prior-batches", "1", "--threads", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")

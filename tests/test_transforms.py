@@ -27,13 +27,7 @@ def _close(actual: torch.Tensor, expected: np.ndarray, atol: float) -> None:
     assert err <= atol, f"max error {err:.3e} > {atol:.1e}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small transforms gain nothing from intra-op threads, and on a busy 2-core machine they make them far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,13 +18,7 @@ from spectral_peft.fourierft import FastFourierFTLinear
 VOCAB = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matrices: threads only add contention on a busy small machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_bert(seed: int = 0) -> BertForSequenceClassification:

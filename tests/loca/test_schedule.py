@@ -83,13 +83,7 @@ def layer_phase_is(model, phase: str) -> bool:
     return all(layer.loca_phase["default"] == (phase != L, phase == L) for layer in loca_layers(model))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they make each step far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------
