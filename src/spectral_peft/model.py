@@ -51,7 +51,6 @@ class SpectralModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
         undo.append(lambda: setattr(parent, target_name, target))
 
-
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         # all or nothing: when a target fails (n_frequency too large, an unsupported module), the targets already
         # wrapped or given the adapter are put back, so the model is left as it was
