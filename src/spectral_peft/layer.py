@@ -313,6 +313,7 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
     # loading and saving: never accept a state that would be a silently wrong model
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # the tuner checks every layer before anything loads; this covers loads into the inner model, past the tuner
         self.check_loadable(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
