@@ -58,19 +58,18 @@ def main() -> None:
         compare(folder, common, METHODS, "300", "4", "0", lrs)
         for method in METHODS:
             cell = next((folder / "cells").glob(f"{method}-*-seed0"))
-            tuning.setdefault(method, []).append((lrs[method], final_validation(cell)))
+            tuning.setdefault(method, []).append((lrs[method], final_validation(cell), str(cell)))
     chosen = {}
     print("\nlearning-rate tuning (seed 0, n=300 / r=4; validation):")
     for method, trials in tuning.items():
         best = max(trials, key=lambda t: (t[1]["accuracy"], -t[1]["loss"]))
         chosen[method] = best[0]
-        cells = ", ".join(f"lr {lr:.3g}: acc {v['accuracy']:.4f} loss {v['loss']:.4f}" for lr, v in trials)
+        cells = ", ".join(f"lr {lr:.3g}: acc {v['accuracy']:.4f} loss {v['loss']:.4f}" for lr, v, _ in trials)
         print(f"  {method}: {cells} -> {best[0]:.3g}")
     (output / "tuned_lr.json").write_text(json.dumps({"trials": tuning, "chosen": chosen}, indent=1))
     # the tuning cell of the kept learning rate is the grid's seed-0 cell at that budget: not run twice
-    for method, lr in chosen.items():
-        factor = next(f for f in FACTORS if DEFAULT_LR[method] * f == lr)
-        source = next((output / f"tune-x{factor:.2f}" / "cells").glob(f"{method}-*-seed0"))
+    for method, trials in tuning.items():
+        source = pathlib.Path(next(cell for lr, _, cell in trials if lr == chosen[method]))
         target = output / "grid" / "cells" / source.name
         if not target.exists():
             shutil.copytree(source, target)
