@@ -4,6 +4,7 @@
     spectral-peft evaluate --adapter runs/loca
     spectral-peft compare --methods loca,s2ft,lora,fourierft --budgets 100,300,1000 --ranks 1,4,8 \\
         --seeds 0,1,2 --output runs/grid
+    spectral-peft bench --shapes minilm llama linear --output runs/bench
 
 Bad input (a missing file, a malformed dataset, an unknown method or model) gives one line on stderr and exit code 2.
 """
@@ -72,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_arguments(compare)
     add_training_arguments(compare, grid=True)
     compare.set_defaults(func=_compare)
+
+    bench = commands.add_parser(
+        "bench", help="time training steps, memory and inference of every method side by side",
+        description="Measure one training step (and the adapter's overhead over the base model), peak memory and "
+                    "merged / unmerged inference for each method, interleaved in one process, with ratios to "
+                    "stock LoRA; writes bench.json and bench.md to --output.",
+    )
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -91,6 +103,12 @@ def _compare(args) -> int:
     from .compare import run_compare
 
     return run_compare(args)
+
+
+def _bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import functools
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -58,64 +60,30 @@ def _stencil_gradients(
     at the borders.
     """
     rows, cols = spec.cells[0], spec.cells[1]
-    coef_grad = None
-    if spec.train_coefficients:
-        coef_grad = spectral_grad_at(rows, cols).to(spec.coefficients.dtype)
+    train_locations = spec.locations is not None and spec.train_locations
+    # every point the gradients need, evaluated in one call: the cells, then their four neighbours
+    points = [(rows, cols)] if spec.train_coefficients else []
+    if train_locations:
+        m, n = spec.out_features, spec.in_features
+        points += [
+            ((rows + 1).clamp(max=m - 1), cols), ((rows - 1).clamp(min=0), cols),
+            (rows, (cols + 1).clamp(max=n - 1)), (rows, (cols - 1).clamp(min=0)),
+        ]
+    values = []
+    if points:
+        values = list(spectral_grad_at(torch.cat([r for r, _ in points]), torch.cat([c for _, c in points])).split(rows.numel()))
+    coef_grad = values.pop(0).to(spec.coefficients.dtype) if spec.train_coefficients else None
     loc_grad = None
-    if spec.locations is not None:
-        if spec.train_locations:
-            m, n = spec.out_features, spec.in_features
-            d_row = spectral_grad_at((rows + 1).clamp(max=m - 1), cols) - spectral_grad_at((rows - 1).clamp(min=0), cols)
-            d_col = spectral_grad_at(rows, (cols + 1).clamp(max=n - 1)) - spectral_grad_at(rows, (cols - 1).clamp(min=0))
-            half_a = spec.coefficients.detach().to(d_row.dtype) / 2
-            loc_grad = (torch.stack([d_row, d_col]) * half_a).to(spec.locations.dtype)
-        else:
-            # A zero gradient, never None: DistributedDataParallel expects every trainable parameter to get one.
-            loc_grad = torch.zeros_like(spec.locations)
+    if train_locations:
+        down, up, right, left = values
+        half_a = spec.coefficients.detach().to(down.dtype) / 2
+        loc_grad = (torch.stack([down - up, right - left]) * half_a).to(spec.locations.dtype)
+    elif spec.locations is not None:
+        # A zero gradient, never None: DistributedDataParallel expects every trainable parameter to get one.
+        loc_grad = torch.zeros_like(spec.locations)
     if coef_grad is None and spec.coefficients.requires_grad:
         coef_grad = torch.zeros_like(spec.coefficients)
     return coef_grad, loc_grad
-
-
-class _SparseSpectralProduct(torch.autograd.Function):
-    """``z[t, r_i, :] += a_i * xh[t, c_i, :]``: the spectrum applied to transformed activations.
-
-    ``xh`` is (T, N, C) with C = 1 for the DCT and 2 (real, imaginary) for the DFT. The work is done frequency
-    major, on (N, C*T) copies: gathering and scattering whole contiguous rows is several times faster on CPU
-    than indexing the middle axis. Only that copy of ``xh`` is saved for backward, never a (T, n) gather.
-    """
-
-    @staticmethod
-    def forward(ctx, xh, coefficients, locations, spec: Spectrum):
-        tokens, n_in, channels = xh.shape
-        rows, cols = spec.cells[0], spec.cells[1]
-        xt = xh.permute(1, 2, 0).reshape(n_in, channels * tokens)
-        contrib = xt.index_select(0, cols) * coefficients.to(xt.dtype)[:, None]
-        zt = xt.new_zeros(spec.out_features, channels * tokens).index_add_(0, rows, contrib)
-        ctx.save_for_backward(xt)
-        ctx.spec, ctx.channels = spec, channels
-        return zt.reshape(spec.out_features, channels, tokens).permute(2, 0, 1)
-
-    @staticmethod
-    def backward(ctx, gz):
-        (xt,) = ctx.saved_tensors
-        spec, channels = ctx.spec, ctx.channels
-        rows, cols = spec.cells[0], spec.cells[1]
-        tokens = gz.shape[0]
-        gzt = gz.permute(1, 2, 0).reshape(spec.out_features, channels * tokens)
-        gz_rows = gzt.index_select(0, rows)
-        grad_xh = None
-        if ctx.needs_input_grad[0]:
-            a = spec.coefficients.detach().to(gzt.dtype)[:, None]
-            grad_xt = torch.zeros_like(xt).index_add_(0, cols, gz_rows * a)
-            grad_xh = grad_xt.reshape(spec.in_features, channels, tokens).permute(2, 0, 1)
-
-        def spectral_grad_at(r, c):
-            g = gz_rows if r is rows else gzt.index_select(0, r)
-            return (g * xt.index_select(0, c)).sum(dim=1)
-
-        coef_grad, loc_grad = _stencil_gradients(spectral_grad_at, spec)
-        return grad_xh, coef_grad, loc_grad, None
 
 
 class _ScatterSpectrum(torch.autograd.Function):
@@ -133,21 +101,197 @@ class _ScatterSpectrum(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Transforms on the feature axis
+# Activation path: real FFTs on both sides and one sparse matrix between their half spectra
+#
+# The DCT-II of a signal is a twiddled rfft of its even samples followed by its odd samples reversed (Makhoul), and
+# the inverse DFT of a real signal is the conjugate of its rfft, mirrored. So every input frequency c is a fixed
+# linear function of the real and imaginary parts of one rfft bin, and every output frequency r feeds one or two bins
+# of the half spectrum that one irfft turns into output features (the inverse DCT the same way, backwards). The
+# sparse spectrum in between is then a single sparse real (2 Mh) x (2 Nh) matrix Q (Mh = M // 2 + 1, Nh likewise)
+# with at most 8 entries per coefficient, and a step is: gather, rfft, sparse product, irfft, gather. No full-size
+# complex FFT, twiddle multiply or reorder copy is left in the loop.
 
 
-def _analysis(x: torch.Tensor, transform: str) -> torch.Tensor:
-    """Features (T, N) -> spectrum (T, N, C)."""
+def _dct_scale(size: int) -> torch.Tensor:
+    scale = torch.full((size,), math.sqrt(2.0 / size), dtype=torch.float64)
+    scale[0] = math.sqrt(1.0 / size)
+    return scale
+
+
+@functools.lru_cache(maxsize=256)
+def _input_map(size: int, transform: str, dtype: torch.dtype, device: torch.device):
+    """Input frequency c -> (its rfft bin j, the (channels, 2) map from (Re, Im) of bin j to the spectrum at c)."""
+    c = torch.arange(size, dtype=torch.float64)
+    mirrored = c > size // 2  # bins above the middle are conjugates of bins below it
+    bin_ = torch.where(mirrored, size - c, c).long()
+    sign = 1.0 - 2.0 * mirrored.double()
+    if transform == "dct":  # s_c Re(W_c V_c), W_c = exp(-i pi c / 2N)
+        scale, angle = _dct_scale(size), math.pi * c / (2 * size)
+        linear = torch.stack([scale * torch.cos(angle), sign * scale * torch.sin(angle)], dim=-1)[:, None, :]
+    else:  # ifft(x)_c = conj(rfft(x)_c) / N
+        linear = torch.zeros(size, 2, 2, dtype=torch.float64)
+        linear[:, 0, 0] = 1.0 / size
+        linear[:, 1, 1] = -sign / size
+    return bin_.to(device), linear.to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _output_map(size: int, transform: str, dtype: torch.dtype, device: torch.device):
+    """Output frequency r -> two (half-spectrum bin k, (2, channels) map) terms; an unused term has a zero map."""
+    r = torch.arange(size, dtype=torch.float64)
+    first = r <= size // 2
     if transform == "dct":
-        return dct(x).unsqueeze(-1)
-    return torch.view_as_real(torch.fft.ifft(x, dim=-1).resolve_conj())
+        # U_k = conj(W_k) (c_k - i c_{M-k}) with c = z / s and c_M = 0: r feeds bin r and bin M - r
+        bin2 = size - r
+        second = (r >= 1) & (bin2 <= size // 2)
+        scale = _dct_scale(size)
+        cos1, sin1 = torch.cos(math.pi * r / (2 * size)), torch.sin(math.pi * r / (2 * size))
+        cos2, sin2 = torch.cos(math.pi * bin2 / (2 * size)), torch.sin(math.pi * bin2 / (2 * size))
+        map1 = torch.stack([cos1, sin1], dim=-1)[..., None] / scale[:, None, None]
+        map2 = torch.stack([sin2, -cos2], dim=-1)[..., None] / scale[:, None, None]  # conj(W) * (-i)
+    else:
+        # Re(ifft(z)) = irfft(H) with H_k = (z_k + conj(z_{-k})) / 2: r feeds bin r and bin (M - r) mod M
+        bin2 = (size - r) % size
+        second = bin2 <= size // 2
+        map1 = torch.tensor([[0.5, 0.0], [0.0, 0.5]], dtype=torch.float64).expand(size, 2, 2).clone()
+        map2 = torch.tensor([[0.5, 0.0], [0.0, -0.5]], dtype=torch.float64).expand(size, 2, 2).clone()
+    map1 = map1 * first[:, None, None]
+    map2 = map2 * second[:, None, None]
+    bin1, bin2 = torch.where(first, r, 0.0).long(), torch.where(second, bin2, 0.0).long()
+    return tuple(t.to(device) for t in (bin1, bin2)) + tuple(t.to(device=device, dtype=dtype) for t in (map1, map2))
 
 
-def _synthesis(z: torch.Tensor, transform: str) -> torch.Tensor:
-    """Spectrum (T, M, C) -> features (T, M)."""
-    if transform == "dct":
-        return idct(z.squeeze(-1))
-    return torch.fft.ifft(torch.view_as_complex(z.contiguous()), dim=-1).real
+@functools.lru_cache(maxsize=256)
+def _feature_orders(size: int, transform: str, device: torch.device):
+    """The reorder before the rfft (Makhoul's for the DCT: even samples, then odd ones reversed) and its inverse,
+    which follows the irfft, as gather indices."""
+    if transform != "dct":
+        identity = torch.arange(size, device=device)
+        return identity, identity
+    before = torch.cat([torch.arange(0, size, 2), torch.arange(1, size, 2).flip(0)])
+    after = torch.empty(size, dtype=torch.long)
+    after[before] = torch.arange(size)
+    return before.to(device), after.to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _half_spectrum_weights(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per real entry of a half spectrum: the adjoint weights of irfft (c_k / M, zero for the imaginary parts it
+    ignores) and of rfft (N * d_k with d = 1 at the ends, 1/2 in the middle), so both adjoints are plain FFTs."""
+    bins = size // 2 + 1
+    k = torch.arange(bins)
+    ends = (k == 0) | ((k == size // 2) & (size % 2 == 0))
+    irfft_adjoint = torch.where(ends, 1.0, 2.0).to(torch.float64) / size
+    irfft_adjoint = torch.stack([irfft_adjoint, torch.where(ends, 0.0, irfft_adjoint)], dim=-1)
+    rfft_adjoint = torch.where(ends, 1.0, 0.5).to(torch.float64) * size
+    rfft_adjoint = torch.stack([rfft_adjoint, rfft_adjoint], dim=-1)
+    return irfft_adjoint.reshape(-1).to(device, dtype), rfft_adjoint.reshape(-1).to(device, dtype)
+
+
+def _entries(spec: Spectrum, rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype):
+    """The entries of Q that spectrum cells (rows, cols) make: flat position p * 2Nh + q, the factor each is
+    scaled by (times the coefficient and the scaling), and which pair it belongs to."""
+    device = rows.device
+    in_bin, in_map = _input_map(spec.in_features, spec.transform, dtype, device)
+    bin1, bin2, map1, map2 = _output_map(spec.out_features, spec.transform, dtype, device)
+    width = 2 * (spec.in_features // 2 + 1)
+    q = (2 * in_bin[cols])[:, None, None] + torch.arange(2, device=device)[None, None, :]
+    a_in = in_map[cols]
+    flats, factors = [], []
+    for bins, maps in ((bin1, map1), (bin2, map2)):
+        p = (2 * bins[rows])[:, None, None] + torch.arange(2, device=device)[None, :, None]
+        flats.append((p * width + q).reshape(rows.numel(), 4))
+        factors.append(torch.bmm(maps[rows], a_in).reshape(rows.numel(), 4))
+    flat, factor = torch.cat(flats, dim=1).reshape(-1), torch.cat(factors, dim=1).reshape(-1)
+    pair = torch.arange(rows.numel(), device=device).repeat_interleave(8)
+    keep = factor != 0
+    return flat[keep], factor[keep], pair[keep]
+
+
+def _sparse(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], transpose: bool = False):
+    """A CSR matrix from flat positions (duplicates summed)."""
+    rows, cols = flat // shape[1], flat % shape[1]
+    if transpose:
+        rows, cols, shape = cols, rows, (shape[1], shape[0])
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
+    with warnings.catch_warnings():  # torch calls its sparse CSR support beta; it is tested here against dense
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return coo.coalesce().to_sparse_csr()
+
+
+class _SpectralActivationProduct(torch.autograd.Function):
+    """``x @ dW^T`` for x of shape (T, N), in the compute dtype; see the section comment."""
+
+    @staticmethod
+    def forward(ctx, x, coefficients, locations, spec: Spectrum, gathers: "_Gathers"):
+        m, n = spec.out_features, spec.in_features
+        shape = (2 * (m // 2 + 1), 2 * (n // 2 + 1))
+        flat, factor, pair = _entries(spec, spec.cells[0], spec.cells[1], x.dtype)
+        values = factor * coefficients.detach().to(x.dtype)[pair] * spec.scaling
+        half_in = _half_spectrum(x, gathers.col_gather)  # (T, 2 Nh)
+        half_out_t = torch.sparse.mm(_sparse(flat, values, shape), half_in.t().contiguous())  # (2 Mh, T)
+        ctx.save_for_backward(x)
+        ctx.spec, ctx.gathers, ctx.entries, ctx.shape = spec, gathers, (flat, values), shape
+        return _features(half_out_t.t(), m, gathers.row_gather)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        spec, gathers, (flat, values), shape = ctx.spec, ctx.gathers, ctx.entries, ctx.shape
+        m, n = spec.out_features, spec.in_features
+        irfft_adjoint, _ = _half_spectrum_weights(m, x.dtype, x.device)
+        # the gradient at the output half spectrum: the adjoint of irfft is a weighted rfft
+        grad_half_out = _half_spectrum(grad_y.to(x.dtype), gathers.row_scatter) * irfft_adjoint  # (T, 2 Mh)
+        grad_half_out_t = grad_half_out.t().contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            _, rfft_adjoint = _half_spectrum_weights(n, x.dtype, x.device)
+            grad_half_in_t = torch.sparse.mm(_sparse(flat, values, shape, transpose=True), grad_half_out_t)
+            grad_x = _features(grad_half_in_t.t() * rfft_adjoint, n, gathers.col_scatter)
+
+        def spectral_grad_at(r, c):
+            # K[r, c] = dL/dS[r, c] = sum over Q's entries of that cell of factor * <grad_half_out[:, p], half_in[:, q]>
+            pair_flat, factor, pair = _entries(spec, r, c, x.dtype)
+            pattern, position = torch.unique(pair_flat, return_inverse=True)
+            ones = torch.ones_like(pattern, dtype=x.dtype)
+            sampled = torch.sparse.sampled_addmm(
+                _sparse(pattern, ones, shape), grad_half_out_t, _half_spectrum(x, gathers.col_gather), beta=0.0
+            )
+            per_entry = factor * sampled.values()[position] * spec.scaling
+            return torch.zeros(r.numel(), dtype=x.dtype, device=x.device).index_add_(0, pair, per_entry)
+
+        coef_grad, loc_grad = _stencil_gradients(spectral_grad_at, spec)
+        return grad_x, coef_grad, loc_grad, None, None
+
+
+@dataclass
+class _Gathers:
+    """Feature reorders around the FFTs: each composes a method's ordering (S2FT) with the transform's own."""
+
+    col_gather: torch.Tensor  # x -> the rfft's input
+    col_scatter: torch.Tensor
+    row_gather: torch.Tensor  # the irfft's output -> y
+    row_scatter: torch.Tensor
+
+
+def _gathers(spec: Spectrum, device: torch.device) -> _Gathers:
+    before, _ = _feature_orders(spec.in_features, spec.transform, device)
+    _, after = _feature_orders(spec.out_features, spec.transform, device)
+    col_gather = before if spec.col_order is None else spec.col_order.to(device)[before]
+    row_gather = after if spec.row_order is None else after[_inverse_order(spec.row_order.to(device))]
+    return _Gathers(col_gather, _inverse_order(col_gather), row_gather, _inverse_order(row_gather))
+
+
+def _half_spectrum(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """(T, N) features -> (T, 2 Nh) real and imaginary parts of the rfft of the reordered features."""
+    spectrum = torch.fft.rfft(x.index_select(-1, gather), dim=-1)
+    return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
+
+
+def _features(half: torch.Tensor, size: int, gather: torch.Tensor) -> torch.Tensor:
+    """(T, 2 Mh) half spectrum -> (T, M) features: irfft, then reorder."""
+    spectrum = torch.view_as_complex(half.reshape(half.shape[0], -1, 2).contiguous())
+    return torch.fft.irfft(spectrum, n=size, dim=-1).index_select(-1, gather)
 
 
 def _inverse_order(order: torch.Tensor) -> torch.Tensor:
@@ -162,19 +306,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def apply_delta(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
     """``x @ dW^T`` through the transforms (activation path); returns the input's dtype."""
-    n_in = spec.in_features
     lead = x.shape[:-1]
     if x.numel() == 0:  # an empty batch (torch's FFTs refuse empty input)
         return x.new_zeros(*lead, spec.out_features)
-    work = x.reshape(-1, n_in).to(_compute_dtype(x.dtype))
-    if spec.col_order is not None:
-        work = work.index_select(-1, spec.col_order)
-    xh = _analysis(work, spec.transform)
+    work = x.reshape(-1, spec.in_features).to(_compute_dtype(x.dtype))
     coefficients = spec.coefficients.to(work.dtype) if spec.coefficients.dtype != work.dtype else spec.coefficients
-    z = _SparseSpectralProduct.apply(xh, coefficients, spec.locations, spec)
-    y = _synthesis(z, spec.transform) * spec.scaling
-    if spec.row_order is not None:
-        y = y.index_select(-1, _inverse_order(spec.row_order))
+    y = _SpectralActivationProduct.apply(work, coefficients, spec.locations, spec, _gathers(spec, x.device))
     return y.reshape(*lead, spec.out_features).to(x.dtype)
 
 
