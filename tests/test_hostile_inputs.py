@@ -77,6 +77,12 @@ def other_type(method):
     return {"loca": "S2FT", "s2ft": "LOCA", "fastfourierft": "LOCA"}[method]
 
 
+def config_of_another_method(folder, prefix):
+    # a complete, valid config of another of our methods over this method's tensors
+    other = {"LOCA": "loca", "S2FT": "s2ft"}[other_type(prefix[:-1])]
+    CONFIGS[other](target_modules=["query", "value"], n_frequency=16, modules_to_save=["classifier"]).save_pretrained(folder)
+
+
 # (case, methods it applies to, edit(folder, prefix), file the error names, pattern after the file name);
 # "{p}" in a tensor part or pattern is the method's prefix
 CASES = [
@@ -118,6 +124,8 @@ CASES = [
      r"holds {p}\w+ for 'bert\.encoder\.layer\.\d\.attention\.self\.value', which the adapter's target_modules"),
     ("another method's peft_type", None, lambda f, p: edit_config(peft_type=other_type(p[:-1]))(f, p), CONFIG,
      r"has no field .*is this another method's adapter\?"),
+    ("another method's config", None, config_of_another_method, WEIGHTS,
+     r"holds {p} tensors but .*adapter_config.json says peft_type '(LOCA|S2FT)'"),
 ]
 
 
