@@ -83,10 +83,11 @@ class SpectralModel(BaseTuner):
             name = key.removeprefix("base_model.model.")
             module, _, last = name.rpartition(".")
             if last.startswith(self.prefix):
-                if config.target_modules is not None and not self._check_target_module_exists(config, module):
+                targets = config.target_modules
+                if targets is not None and not self._check_target_module_exists(config, module):
+                    shown = repr(targets) if isinstance(targets, str) else sorted(targets)
                     raise ValueError(f"{path}: holds {last} for '{module}', which the adapter's target_modules "
-                                     f"{sorted(config.target_modules) if not isinstance(config.target_modules, str) else config.target_modules!r} "
-                                     "do not match in this model")
+                                     f"{shown} do not match in this model")
             elif name in own and tuple(own[name].shape) != tuple(value.shape):
                 raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model's is {tuple(own[name].shape)}")
             elif value.is_floating_point() and not torch.isfinite(value).all():
