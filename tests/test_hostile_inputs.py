@@ -209,7 +209,7 @@ def _crash_renaming(src, dst):
 
 @pytest.mark.parametrize("method", CONFIGS)
 @pytest.mark.parametrize("crash", ["writing the weights", "renaming the config"])
-def test_an_interrupted_save_leaves_the_previous_adapter_intact(saved, method, crash, monkeypatch):
+def test_an_interrupted_save_leaves_the_previous_adapter_or_nothing_that_loads(saved, method, crash, monkeypatch):
     folder = saved(method)
     files = {name: (folder / name).read_bytes() for name in (WEIGHTS, CONFIG)}
     retrained = trained(method, seed=5)
@@ -227,6 +227,9 @@ def test_an_interrupted_save_leaves_the_previous_adapter_intact(saved, method, c
         assert (folder / WEIGHTS).read_bytes() == files[WEIGHTS]
         ids = make_input_ids()
         assert torch.equal(logits(PeftModel.from_pretrained(build_bert(0), folder), ids), logits(trained(method), ids))
+    else:  # the new weights are in place beside the previous config: that pair must not load
+        with pytest.raises(ValueError, match=re.escape(str(folder / WEIGHTS)) + ": not the weights adapter_config"):
+            PeftModel.from_pretrained(build_bert(0), folder)
 
 
 @pytest.mark.parametrize("method", CONFIGS)

@@ -27,6 +27,8 @@ CHECKSUM_KEY = "spectral_peft_sha256"
 SPECTRAL_PREFIXES: set[str] = set()
 
 _stock_save_file = peft.peft_model.safe_save_file
+# folder -> checksum of the weights just written there, for the config PEFT writes next (SpectralConfig.save_pretrained)
+_written: dict[str, str] = {}
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -61,17 +63,24 @@ def save_file(tensors: dict, filename: str, metadata: Optional[dict] = None) -> 
     written exactly as before; ours atomically and with a checksum."""
     if not holds_spectral_tensors(tensors):
         return _stock_save_file(tensors, filename, metadata=metadata)
-    metadata = {**(metadata or {}), CHECKSUM_KEY: tensor_checksum(tensors)}
-    atomic_write(filename, lambda tmp: _stock_save_file(tensors, tmp, metadata=metadata))
+    checksum = tensor_checksum(tensors)
+    atomic_write(filename, lambda tmp: _stock_save_file(tensors, tmp, metadata={**(metadata or {}), CHECKSUM_KEY: checksum}))
+    _written[os.path.realpath(os.path.dirname(filename))] = checksum
+
+
+def take_written_checksum(folder: str) -> Optional[str]:
+    """The checksum of the weights just saved into ``folder`` (once), or None."""
+    return _written.pop(os.path.realpath(folder), None)
 
 
 def install_writer() -> None:
     peft.peft_model.safe_save_file = save_file
 
 
-def read_weights(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """(path, tensors) of the adapter weights in ``folder``; a ValueError naming the file if they are unreadable or
-    do not match their checksum, a FileNotFoundError if there are none."""
+def read_weights(folder: str, config_checksum: Optional[str] = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """(path, tensors) of the adapter weights in ``folder``; a ValueError naming the file if they are unreadable,
+    do not match their checksum or are not the weights the config was saved with (``config_checksum``), a
+    FileNotFoundError if there are none."""
     path = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -85,6 +94,11 @@ def read_weights(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
         if expected is not None and tensor_checksum(tensors) != expected:
             raise ValueError(f"{path}: the tensors do not match the checksum written when the adapter was saved; "
                              "the file was modified or corrupted")
+        # both written by save_pretrained and different: the pair of an interrupted save (a file rewritten by
+        # another tool carries no checksum and is judged by the other checks alone)
+        if config_checksum is not None and expected is not None and expected != config_checksum:
+            raise ValueError(f"{path}: not the weights adapter_config.json was saved with (weights_checksum differs); "
+                             "a save was interrupted between the two files, or one of them was replaced")
         return path, tensors
     path = os.path.join(folder, PICKLE_NAME)
     if os.path.isfile(path):

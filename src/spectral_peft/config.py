@@ -12,7 +12,7 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.utils import CONFIG_NAME
 
-from .adapter_files import atomic_write, read_weights
+from .adapter_files import atomic_write, read_weights, take_written_checksum
 
 
 def _is_str_list(value) -> bool:
@@ -54,6 +54,10 @@ class SpectralConfig(PeftConfig):
     n_frequency_pattern: Optional[dict] = field(
         default_factory=dict,
         metadata={"help": "Per-module n_frequency overriding the default, keyed by module name or regex."},
+    )
+    weights_checksum: Optional[str] = field(
+        default=None,
+        metadata={"help": "Set by save_pretrained: SHA-256 of the weights saved with this config, checked at load."},
     )
 
     def __post_init__(self):
@@ -97,6 +101,7 @@ class SpectralConfig(PeftConfig):
             "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "None or a string"),
             "revision": (lambda v: v is None or isinstance(v, str), "None or a string"),
             "task_type": (lambda v: v is None or isinstance(v, str), "None or a string"),
+            "weights_checksum": (lambda v: v is None or isinstance(v, str), "None or a string"),
         }
         for field_name, (ok, expected) in checks.items():
             value = getattr(self, field_name)
@@ -130,7 +135,7 @@ class SpectralConfig(PeftConfig):
                 raise
             raise ValueError(f"{config_file}: {error}") from None
         if local:
-            path, tensors = read_weights(folder)
+            path, tensors = read_weights(folder, config.weights_checksum)
             own = PEFT_TYPE_TO_PREFIX_MAPPING[config.peft_type]
             others = sorted({p for key in tensors for p in PEFT_TYPE_TO_PREFIX_MAPPING.values()
                              if p != own and key.rsplit(".", 1)[-1].startswith(p)})
@@ -147,6 +152,8 @@ class SpectralConfig(PeftConfig):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)
         output = {k: list(v) if isinstance(v, set) else v for k, v in self.to_dict().items()}
+        # PEFT writes the weights first: tie this config to them, so weights without their config never load
+        output["weights_checksum"] = take_written_checksum(save_directory)
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping
