@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+from peft.utils import CONFIG_NAME
+
+from .adapter_files import atomic_write, read_weights, take_written_checksum
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value)
 
 
 @dataclass
@@ -44,6 +55,10 @@ class SpectralConfig(PeftConfig):
         default_factory=dict,
         metadata={"help": "Per-module n_frequency overriding the default, keyed by module name or regex."},
     )
+    weights_checksum: Optional[str] = field(
+        default=None,
+        metadata={"help": "Set by save_pretrained: SHA-256 of the weights saved with this config, checked at load."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,9 +75,92 @@ class SpectralConfig(PeftConfig):
         for key, value in (self.n_frequency_pattern or {}).items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}.n_frequency_pattern[{key!r}] must be a positive integer, got {value!r}")
+        self._check_types(name)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(f"{name}: layers_to_transform cannot be used when target_modules is a regex string")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ValueError(f"{name}: layers_pattern cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{name}: layers_pattern needs layers_to_transform")
+
+    def _check_types(self, name: str) -> None:
+        # values read from a hand-edited adapter_config.json: a wrong type must not reach PEFT's injection, where
+        # it fails obscurely or not at all (fan_in_fan_out="no" is truthy)
+        prefix = type(self).PEFT_TYPE.lower() + "_"
+        checks = {
+            "target_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v), "None, a string or a list of strings"),
+            "exclude_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v), "None, a string or a list of strings"),
+            "modules_to_save": (lambda v: v is None or _is_str_list(v), "None or a list of strings"),
+            "layers_to_transform": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)) or (
+                isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)), "None, an integer or a list of integers"),
+            "layers_pattern": (lambda v: v is None or isinstance(v, str) or _is_str_list(v), "None, a string or a list of strings"),
+            "n_frequency_pattern": (lambda v: v is None or isinstance(v, dict), "a dict"),
+            "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+            "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+            "bias": (lambda v: v in ("none", "all", prefix + "only"), f"'none', 'all' or '{prefix}only'"),
+            "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "None or a string"),
+            "revision": (lambda v: v is None or isinstance(v, str), "None or a string"),
+            "task_type": (lambda v: v is None or isinstance(v, str), "None or a string"),
+            "weights_checksum": (lambda v: v is None or isinstance(v, str), "None or a string"),
+        }
+        for field_name, (ok, expected) in checks.items():
+            value = getattr(self, field_name)
+            if not ok(value):
+                raise ValueError(f"{name}.{field_name} must be {expected}, got {value!r}")
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        # PEFT drops unknown fields with a warning (for configs from newer PEFT versions); for our methods an
+        # unknown field is a typo or another method's config, and would be silently ignored
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            owners = [c.__name__ for c in set(PEFT_TYPE_TO_CONFIG_MAPPING.values())
+                      if dataclasses.is_dataclass(c) and c is not cls and set(unknown) <= {f.name for f in dataclasses.fields(c)}]
+            hint = f" (fields of {', '.join(sorted(owners))}: is this another method's adapter?)" if owners else ""
+            raise ValueError(f"{cls.__name__} has no field {', '.join(repr(u) for u in unknown)}{hint}")
+        return kwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's, with errors naming the file, and (for a local folder) the weights read and checked now, before
+        the model is touched; the tuner checks them against each target module as it wraps it."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        config_file = os.path.join(folder, CONFIG_NAME)
+        local = os.path.isfile(config_file)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (ValueError, TypeError) as error:
+            if not local:
+                raise
+            raise ValueError(f"{config_file}: {error}") from None
+        if local:
+            path, tensors = read_weights(folder, config.weights_checksum)
+            own = PEFT_TYPE_TO_PREFIX_MAPPING[config.peft_type]
+            others = sorted({p for key in tensors for p in PEFT_TYPE_TO_PREFIX_MAPPING.values()
+                             if p != own and key.rsplit(".", 1)[-1].startswith(p)})
+            if others or not any(key.rsplit(".", 1)[-1].startswith(own) for key in tensors):
+                held = f"holds {', '.join(others)} tensors" if others else f"holds no {own} tensors"
+                raise ValueError(f"{path} {held} but {config_file} says peft_type {config.peft_type!r}")
+            # taken (and dropped) by SpectralModel.inject_adapter; not a dataclass field, so never saved
+            config._adapter_file = (path, tensors)
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's layout, written to a temporary file and renamed into place."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        output = {k: list(v) if isinstance(v, set) else v for k, v in self.to_dict().items()}
+        # PEFT writes the weights first: tie this config to them, so weights without their config never load
+        output["weights_checksum"] = take_written_checksum(save_directory)
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            output["auto_mapping"] = auto_mapping
+        text = json.dumps(output, indent=2, sort_keys=True)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        atomic_write(os.path.join(save_directory, CONFIG_NAME), write)

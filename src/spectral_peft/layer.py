@@ -317,10 +317,12 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         self.check_loadable(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def check_loadable(self, state_dict, prefix: str) -> None:
+    def check_loadable(self, state_dict, prefix: str, adapter_names: Optional[list[str]] = None) -> None:
         """Raise a ValueError naming the module, adapter and field if ``state_dict`` (keys under ``prefix``) holds
-        a state of this layer that would compute a wrong model: another shape, non-finite coefficients, locations
-        outside the matrix or shared, orderings that are not permutations."""
+        a state of this layer that would compute a wrong model: another shape, tensors of the wrong size or kind,
+        non-finite coefficients, locations outside the matrix or shared, orderings that are not permutations.
+
+        ``adapter_names``: adapters whose state must be complete (a saved adapter file); others may be partial."""
         p = self.prefix
         saved = [p + "coefficients", p + "shape"] + ([p + "locations"] if self.saves_locations else []) + (
             [p + "row_order", p + "col_order"] if self.has_orders else [])
@@ -329,9 +331,12 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
             # a saved adapter holds its shape record and everything else; a state without the shape record is a
             # partial one composed by hand (e.g. coefficients only) and loads onto the layer's own placement
             present = [key for key in saved if f"{prefix}{key}.{name}" in state_dict]
-            if p + "shape" in present and len(present) < len(saved):
+            complete = adapter_names is not None and name in adapter_names
+            if (complete or p + "shape" in present) and len(present) < len(saved):
                 missing = ", ".join(key for key in saved if key not in present)
-                raise ValueError(f"{where}: the saved adapter has {', '.join(present)} but no {missing}")
+                has = f"has {', '.join(present)} but no" if present else "has no"
+                raise ValueError(f"{where}: the saved adapter {has} {missing}")
+            self._check_kinds(state_dict, prefix, name, where)
             shape = state_dict.get(f"{prefix}{p}shape.{name}")
             if shape is not None and tuple(int(v) for v in shape.tolist()) != self.shape:
                 raise ValueError(
@@ -349,6 +354,23 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
                     order = state_dict.get(f"{prefix}{p}{what}.{name}")
                     if order is not None:
                         check_permutation(order, size, f"{where}, {p}{what}")
+
+    def _check_kinds(self, state_dict, prefix: str, name: str, where: str) -> None:
+        # a tensor of another size would fail in torch only after the layers before it loaded; an integer tensor
+        # where floats belong (or the reverse) would be cast silently
+        p = self.prefix
+        expected = {"coefficients": "float", "shape": "int"}
+        if self.saves_locations:
+            expected["locations"] = "float" if self.learnable_locations else "int"
+        for kind, number in expected.items():
+            value = state_dict.get(f"{prefix}{p}{kind}.{name}")
+            if value is None:
+                continue
+            own = self._container(kind)[name]
+            if tuple(value.shape) != tuple(own.shape):
+                raise ValueError(f"{where}: {p}{kind} has shape {tuple(value.shape)}, expected {tuple(own.shape)}")
+            if value.is_floating_point() != (number == "float") or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{where}: {p}{kind} has dtype {value.dtype}, expected {number}")
 
     @staticmethod
     def _cells_from_loaded_locations(layer, incompatible_keys) -> None:

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
+from .adapter_files import SPECTRAL_PREFIXES
 from .layer import SpectralLinear, base_layer_shape
 
 
@@ -36,6 +37,7 @@ class SpectralModel(BaseTuner):
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, n_frequency=n_frequency)
             undo.append(lambda: target.delete_adapter(adapter_name))
+            self._check_file_state(target, current_key, adapter_name)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         base_layer_shape(base, current_key)  # a clear TypeError for unsupported modules
@@ -48,14 +50,20 @@ class SpectralModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             # an added adapter is not trainable until it is set active
             new_module.requires_grad_(False)
+        self._check_file_state(new_module, current_key, adapter_name)
         self._replace_module(parent, target_name, new_module, target)
         undo.append(lambda: setattr(parent, target_name, target))
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
-        # all or nothing: when a target fails (n_frequency too large, an unsupported module), the targets already
-        # wrapped or given the adapter are put back, so the model is left as it was
+        # all or nothing: when a target fails (n_frequency too large, an unsupported module, a bad tensor in the
+        # adapter file being loaded), the targets already wrapped or given the adapter are put back, so the model
+        # is left as it was; a failing PeftModel.from_pretrained leaves the user's base model unwrapped
         self._undo_injection = []
+        # the adapter file SpectralConfig.from_pretrained read: checked against each module as it is wrapped
+        self._loading = self.peft_config[adapter_name].__dict__.pop("_adapter_file", None)
         try:
+            if self._loading is not None:
+                self._check_file_against_model(model, adapter_name)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
             for undo in reversed(self._undo_injection):
@@ -63,6 +71,38 @@ class SpectralModel(BaseTuner):
             raise
         finally:
             self._undo_injection = []
+            self._loading = None
+
+    def _check_file_against_model(self, model, adapter_name) -> None:
+        # before anything is wrapped: the file's spectral tensors belong to modules this config targets, and its
+        # other tensors (modules_to_save) fit the model's
+        path, tensors = self._loading
+        config = self.peft_config[adapter_name]
+        own = _tensors(model)
+        for key, value in tensors.items():
+            name = key.removeprefix("base_model.model.")
+            module, _, last = name.rpartition(".")
+            if last.startswith(self.prefix):
+                targets = config.target_modules
+                if targets is not None and not self._check_target_module_exists(config, module):
+                    shown = repr(targets) if isinstance(targets, str) else sorted(targets)
+                    raise ValueError(f"{path}: holds {last} for '{module}', which the adapter's target_modules "
+                                     f"{shown} do not match in this model")
+            elif name in own and tuple(own[name].shape) != tuple(value.shape):
+                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model's is {tuple(own[name].shape)}")
+            elif value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"{path}: {name} contains NaN or Inf")
+
+    def _check_file_state(self, layer: SpectralLinear, current_key: str, adapter_name: str) -> None:
+        if self._loading is None:
+            return
+        path, tensors = self._loading
+        prefix = f"base_model.model.{current_key}."
+        state = {f"{k}.{adapter_name}": v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            layer.check_loadable(state, prefix, adapter_names=[adapter_name])
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # every layer's state is checked before any tensor is copied, so a bad adapter file loads nothing; an
@@ -71,6 +111,10 @@ class SpectralModel(BaseTuner):
             for name, layer in self.model.named_modules():
                 if isinstance(layer, SpectralLinear):
                     layer.check_loadable(state_dict, f"{prefix}model.{name}.")
+            # other tensors (modules_to_save): torch would refuse a wrong size only after the rest had loaded
+            for key, value in _tensors(self, prefix).items():
+                if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape):
+                    raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}, the model's is {tuple(value.shape)}")
         except ValueError:
             marker = f".{self.prefix}coefficients."
             loading = {key.split(marker, 1)[1] for key in state_dict if marker in key}
@@ -105,6 +149,11 @@ class SpectralModel(BaseTuner):
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
 
+def _tensors(module, prefix: str = "") -> dict:
+    """Parameters and buffers by state-dict key (without state_dict()'s side effects)."""
+    return {**dict(module.named_parameters(prefix.rstrip("."))), **dict(module.named_buffers(prefix.rstrip(".")))}
+
+
 def _with_n_frequency(config, n_frequency):
     if n_frequency == config.n_frequency:
         return config
@@ -119,3 +168,4 @@ def register_method(config_cls, tuner_cls) -> None:
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = tuner_cls.prefix
+    SPECTRAL_PREFIXES.add(tuner_cls.prefix)

@@ -4,6 +4,8 @@ Written against the public API only, as a user's script would be:
 
     torchrun --nproc_per_node 2 tests/distributed/ddp_worker.py --method loca --output OUT
     python tests/distributed/ddp_worker.py --method loca --output OUT          # one process, same global batch
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed/ddp_worker.py --method loca --accelerate \
+        --output OUT    # accelerate's Accelerator(cpu=True) and prepare() (gloo, DistributedDataParallel) on CPU
 
 Every rank writes ``OUT/rank<R>.pt``: the loss of every step (the mean over the global batch), the adapter state and
 the cells of every LoCA layer. Rank 0 also saves the adapter (``OUT/adapter``) and the logits it gives on a fixed
@@ -57,11 +59,17 @@ def main() -> None:
     parser.add_argument("--method", choices=("loca", "s2ft"), required=True)
     parser.add_argument("--prior", choices=("gradient", "lora"), default="gradient")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--accelerate", action="store_true", help="set up and wrap with accelerate's Accelerator")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
+    accelerator = None
+    if args.accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)  # under a launcher: MULTI_CPU, it starts the gloo process group
+    elif "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
+    distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     output = pathlib.Path(args.output)
 
@@ -78,14 +86,20 @@ def main() -> None:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}]
     initial_cells = loca_cells(model)
     model.train()
-    trained = DistributedDataParallel(model) if distributed else model  # default arguments, as accelerate uses
     optimizer = torch.optim.Adam(groups)
+    if accelerator is not None:
+        trained, optimizer = accelerator.prepare(model, optimizer)
+        if distributed:  # what accelerate made of the launch: gloo on CPU, the model in DistributedDataParallel
+            assert accelerator.distributed_type.name == "MULTI_CPU", accelerator.distributed_type
+            assert isinstance(trained, DistributedDataParallel) and dist.get_backend() == "gloo"
+    else:
+        trained = DistributedDataParallel(model) if distributed else model  # default arguments, as accelerate uses
     schedule = spectral_peft.LocaSchedule(trained) if args.method == "loca" else None
 
     losses = []
     for step in range(STEPS):
         loss = trained(**shard(global_batch(step), rank, world)).loss
-        loss.backward()
+        accelerator.backward(loss) if accelerator is not None else loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if schedule is not None:

@@ -18,13 +18,20 @@ WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 # the S2FT LoRA prior is rank 0's warm-up on its half of each batch, another prior than one process would make, so
 # that run is compared across ranks only
 RUNS = {"loca": ("--method", "loca"), "s2ft-gradient-prior": ("--method", "s2ft", "--prior", "gradient"),
-        "s2ft-lora-prior": ("--method", "s2ft", "--prior", "lora")}
+        "s2ft-lora-prior": ("--method", "s2ft", "--prior", "lora"),
+        # accelerate launch with a CPU config (--cpu, or distributed_type MULTI_CPU) starts one process unless it
+        # is given an MPI hostfile (mpirun); --multi_gpu starts torch.distributed.run's processes, and on a machine
+        # without GPUs the script's Accelerator(cpu=True) makes them MULTI_CPU with gloo
+        "loca-accelerate": ("--method", "loca", "--accelerate")}
+LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node=2"],
+             "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]}
 _done: dict = {}
 
 
 def launch(output: pathlib.Path, args: tuple, processes: int = 0) -> dict:
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", f"--nproc_per_node={processes}"]
-    argv = [sys.executable, *(launcher if processes else []), str(WORKER), *args, "--output", str(output)]
+    launcher = LAUNCHERS["accelerate" if "--accelerate" in args else "torchrun"] if processes else []
+    argv = [sys.executable, *launcher, str(WORKER), *args, "--output", str(output)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {rank: torch.load(output / f"rank{rank}.pt", weights_only=False) for rank in range(max(processes, 1))}
@@ -53,7 +60,7 @@ def test_every_rank_holds_the_same_adapter(name, tmp_path_factory):
         assert moved > 0
 
 
-@pytest.mark.parametrize("name", ["loca", "s2ft-gradient-prior"])
+@pytest.mark.parametrize("name", ["loca", "s2ft-gradient-prior", "loca-accelerate"])
 def test_the_loss_follows_one_process_with_the_same_global_batch(name, tmp_path_factory):
     run = runs(name, tmp_path_factory)
     ddp = torch.tensor(run["ranks"][0]["losses"], dtype=torch.float64)
