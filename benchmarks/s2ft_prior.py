@@ -1,4 +1,4 @@
-"""Which S2FT prior orders a real weight change better: `gradient` or `lora`? (offline MiniLM + BBC News)
+"""Which S2FT prior orders a real weight change better: `gradient`, `lora` (Adam) or `lora` with SGD? (offline MiniLM + BBC News)
 
 A reference weight change comes from fully fine-tuning the model for --reference-steps steps. Each prior is
 estimated as prepare_s2ft does, its row/column orderings computed, and the top-1% DCT energy of the reference
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -73,6 +74,9 @@ def main() -> None:
     start = time.perf_counter()
     priors["lora"] = lora_prior(copy.deepcopy(base), config, stream)
     prior_time["lora"] = time.perf_counter() - start
+    start = time.perf_counter()
+    priors["lora_sgd"] = lora_prior(copy.deepcopy(base), dataclasses.replace(config, prior_optimizer="sgd"), stream)
+    prior_time["lora_sgd"] = time.perf_counter() - start
 
     rows = []
     for name in targets:

@@ -85,10 +85,37 @@ def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable
     return {layer.module_name: prior for layer, prior in zip(layers, priors)}
 
 
+def _input_directions(lora_model: nn.Module, batch: Mapping, rank: int) -> dict[str, torch.Tensor]:
+    """The top ``rank`` right singular vectors (rows) of each LoRA layer's input on ``batch``, not centred."""
+    directions = {}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            # eigenvectors of X^T X, largest first: the right singular vectors of X, without a tokens x d SVD
+            directions[name] = torch.linalg.eigh(x.T @ x).eigenvectors.flip(-1)[:, :rank].T
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(record(name))
+        for name, module in lora_model.base_model.model.named_modules()
+        if isinstance(module, LoraLayer) and "s2ft_prior" in module.lora_A
+    ]
+    try:
+        with torch.no_grad():
+            _loss(lora_model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return directions
+
+
 def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[str, torch.Tensor]:
     """``scaling * B @ A`` of each target after a short LoRA warm-up with stock PEFT on a throw-away adapter.
 
-    The LoRA layers are removed afterwards (never merged), so the base weights are bit-identical.
+    ``A`` starts at the top principal directions of the layer's input on the first batch (``B`` at zero, as
+    stock), then ``prior_steps`` Adam or plain SGD steps (``prior_optimizer``) in eval mode train the adapter. The
+    LoRA layers are removed afterwards (never merged), so the base weights are bit-identical.
     """
     lora_config = LoraConfig(
         r=config.prior_rank,
@@ -104,20 +131,29 @@ def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[
     with _kept_state(model):
         lora_model = get_peft_model(model, lora_config, adapter_name="s2ft_prior")
         try:
+            # eval mode: no dropout noise in the warm-up (and every rank and rerun gets the same prior)
+            lora_model.eval()
+            cached = itertools.cycle(batches)
+            first = next(cached, None)
+            if first is None:
+                raise ValueError("prepare_s2ft: the batch iterable yielded no batch")
+            # A weight gradient G = sum_t delta_t x_t^T lies in the span of the inputs x_t, so with A's rows on the
+            # inputs' top directions the first SGD step gives B A = -lr G A^T A, G's best rank-r part on that span;
+            # a random A keeps only a random r-dimensional slice of it (docs/s2ft.md, "How well the priors point")
+            for name, rows in _input_directions(lora_model, first, config.prior_rank).items():
+                lora_a = lora_model.base_model.model.get_submodule(name).lora_A["s2ft_prior"].weight
+                with torch.no_grad():
+                    lora_a[: rows.shape[0]] = rows.to(lora_a)
             # half-precision trainable copies (a modules_to_save head of an fp16 model) would turn NaN under
             # Adam (its eps rounds to 0 in fp16): the warm-up trains the float32 LoRA factors only then
             trainable = [p for p in lora_model.parameters() if p.requires_grad and p.dtype in (torch.float32, torch.float64)]
-            optimizer = torch.optim.Adam(trainable, lr=config.prior_lr)
-            lora_model.train()
-            steps = 0
-            warm_up = itertools.islice(itertools.cycle(batches), config.prior_steps)
+            optimizer_class = torch.optim.Adam if config.prior_optimizer == "adam" else torch.optim.SGD
+            optimizer = optimizer_class(trainable, lr=config.prior_lr)
+            warm_up = itertools.chain([first], itertools.islice(cached, config.prior_steps - 1))
             for batch in tqdm(warm_up, total=config.prior_steps, desc="S2FT LoRA prior", unit="step", leave=False):
                 _loss(lora_model, batch).backward()
                 optimizer.step()
                 lora_model.zero_grad(set_to_none=True)
-                steps += 1
-            if steps == 0:
-                raise ValueError("prepare_s2ft: the batch iterable yielded no batch")
             priors = {}
             for name, module in lora_model.base_model.model.named_modules():
                 if isinstance(module, LoraLayer) and "s2ft_prior" in module.lora_A:
