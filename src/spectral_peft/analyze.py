@@ -159,14 +159,18 @@ def analyze_matrix(dw: torch.Tensor, prior: Optional[torch.Tensor] = None, seed:
 
 
 def white_noise_reference(shape: tuple, seed: int = 0, fractions=FRACTIONS) -> dict:
-    """Energy curves and flatness of an i.i.d. Gaussian matrix of ``shape``: what a truly flat spectrum gives."""
+    """Energy curves and flatness of an i.i.d. Gaussian matrix of ``shape``: what a truly flat spectrum gives; and
+    after the S2FT ordering computed from the noise itself (the gain an ordering finds where there is no structure)."""
     noise = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ks = budget_ks(shape, fractions)
+    orders = orderings(noise, None, seed)
     result = {}
     for transform in TRANSFORMS:
-        power = power_spectrum(noise, transform)
-        cumulative = cumulative_shares(power)
-        result[transform] = {"energy": [float(cumulative[k - 1]) for k in ks], "flatness": flatness_of(power)}
+        result[transform] = {}
+        for name in ("original", "self"):
+            power = power_spectrum(noise, transform, *orders[name])
+            cumulative = cumulative_shares(power)
+            result[transform][name] = {"energy": [float(cumulative[k - 1]) for k in ks], "flatness": flatness_of(power)}
     return result
 
 
@@ -303,7 +307,8 @@ def render_markdown(result: dict) -> str:
               "2-D transform, k a share of the M x N entries. Orderings: original; random (a random permutation of "
               "rows and columns, the control); self (S2FT's nearest-neighbour chain computed from dW itself: an "
               "oracle); prior (the chain computed from the gradient prior, which S2FT can use before training). "
-              "White noise: an i.i.d. Gaussian matrix of the same shape (a flat spectrum).", ""]
+              "White noise: an i.i.d. Gaussian matrix of the same shape (a flat spectrum; its 'self' row is the "
+              "gain an ordering finds where there is no structure at all).", ""]
     shown = [FRACTIONS.index(f) for f in (1e-3, 1e-2, 1e-1)]
     header = "| layer type | matrices | transform | ordering | " + " | ".join(
         f"top {FRACTIONS[i] * 100:g}%" for i in shown) + " | flatness |"
@@ -319,9 +324,9 @@ def render_markdown(result: dict) -> str:
                              + f" | {_num(data['flatness'][transform][ordering])} |")
     for shape, noise in result["white_noise"].items():
         for transform in TRANSFORMS:
-            lines.append(f"| white noise {shape} | 1 | {transform.upper()} | original | "
-                         + " | ".join(_pct(noise[transform]["energy"][i]) for i in shown)
-                         + f" | {_num(noise[transform]['flatness'])} |")
+            for ordering, data in noise[transform].items():
+                lines.append(f"| white noise {shape} | 1 | {transform.upper()} | {ordering} | "
+                             + " | ".join(_pct(data["energy"][i]) for i in shown) + f" | {_num(data['flatness'])} |")
     lines += ["", "Spectral flatness: geometric over arithmetic mean of the power spectrum (1: flat; 0: some "
               "coefficient is zero; white noise gives about 0.28 with the DCT and 0.56 with the DFT).", ""]
     lines += ["## Approximation error at equal parameter budgets", "",
@@ -371,7 +376,8 @@ def render_markdown(result: dict) -> str:
         mean = {"name": "mean", "locations": {k: _mean(r["locations"].get(k) for r in locations) for k in keys}}
         for r in locations + [mean]:
             loc = r["locations"]
-            row = (f"| {r['name']} | {loc['n']:.0f} | {_pct(loc['overlap'])} | {_pct(loc['expected_random_overlap'], 2)} "
+            row = (f"| {r['name']} | {loc['n']:.0f} | {_pct(loc['overlap'])} | "
+                   f"{_pct(loc['expected_random_overlap'], 2)} "
                    f"| {_pct(loc['energy_share'])} | {_pct(loc['top_n_energy_share'])} | "
                    f"{_num(loc['mean_distance'], 1)} |")
             if loca:
@@ -669,7 +675,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         linear = _linear_weights(base)
         weights = {name: (linear[name][0].weight, linear[name][1]) for name in deltas}
         batches = (stream.batch(i) for i in range(settings["prior_batches"]))
-        priors = summed_gradients(base, weights, batches, settings["prior_batches"], desc="gradient prior")
+        priors = summed_gradients(base, weights, batches, settings["prior_batches"], desc="gradient prior",
+                                  quiet=args.quiet)
 
     output = pathlib.Path(args.output).expanduser()
     matrices = []

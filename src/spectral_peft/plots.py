@@ -116,7 +116,8 @@ def plot_energy_curves(path: pathlib.Path, result: dict) -> None:
                 ax.plot(xs, values, marker="o", markersize=3, color=f"C{index}", label=f"DCT {ordering}")
         ax.plot(xs, data["energy"]["dft"]["original"], linestyle="--", color="C0", label="DFT original")
         if noise is not None:
-            ax.plot(xs, noise["dct"]["energy"], linestyle=":", color="gray", label="white noise (DCT)")
+            ax.plot(xs, noise["dct"]["original"]["energy"], linestyle=":", color="gray", label="white noise (DCT)")
+            ax.plot(xs, noise["dct"]["self"]["energy"], linestyle="-.", color="gray", label="white noise, self")
         ax.set_xscale("log")
         ax.set_ylim(0, 1)
         ax.set_xlabel("top-k coefficients (% of entries)")

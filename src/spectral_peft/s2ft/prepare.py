@@ -69,7 +69,8 @@ def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable
 
 
 def summed_gradients(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, bool]], batches: Iterable,
-                     num_batches: int, desc: str = "S2FT gradient prior") -> dict[str, torch.Tensor]:
+                     num_batches: int, desc: str = "S2FT gradient prior",
+                     quiet: bool = False) -> dict[str, torch.Tensor]:
     """Minus the summed gradient of the loss over ``num_batches`` batches, for each named weight of ``model``.
 
     ``weights`` maps a name to ``(weight, transposed)``; a transposed (Conv1D, in x out) weight's gradient is
@@ -86,7 +87,8 @@ def summed_gradients(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor,
             w.requires_grad_(True)
         model.eval()
         prior_batches = itertools.islice(batches, num_batches)
-        for batch in tqdm(prior_batches, total=num_batches, desc=desc, unit="batch", leave=False):
+        for batch in tqdm(prior_batches, total=num_batches, desc=desc, unit="batch", leave=False,
+                          disable=True if quiet else None):
             grads = torch.autograd.grad(_loss(model, batch), tensors)
             for (name, (_, transposed)), grad in zip(weights.items(), grads):
                 priors[name] -= (grad.T if transposed else grad).detach().float().cpu()
