@@ -263,6 +263,43 @@ def test_an_adapter_alone_and_against_the_tuned_model(tiny, tmp_path, capsys):
     assert "## Adapter locations against the full fine-tuning dW" in (out / "analysis.md").read_text()
 
 
+def test_a_decoder_with_conv1d_weights_tuned_and_with_a_lora_adapter(tmp_path, capsys):
+    """GPT-2 stores c_attn as Conv1D (in x out): dW, the prior and a LoRA adapter's dW all come out as out x in."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from .cli_support import write_text
+
+    base = make_tiny_gpt2(tmp_path / "gpt2")
+    tuned = GPT2LMHeadModel.from_pretrained(base)
+    change = 0.01 * torch.randn(32, 96)
+    with torch.no_grad():
+        tuned.transformer.h[0].attn.c_attn.weight += change
+    tuned.save_pretrained(tmp_path / "tuned")
+    code = main([str(a) for a in ["analyze", "--base", base, "--tuned", tmp_path / "tuned", "--task",
+                                  write_text(tmp_path / "t.txt"), *FAST, "--output", tmp_path / "out"]])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    (record,) = json.loads((tmp_path / "out" / "analysis.json").read_text())["matrices"]
+    assert record["name"] == "transformer.h.0.attn.c_attn" and record["shape"] == [96, 32]
+    assert record["norm"] == pytest.approx(float(change.norm()), rel=1e-4) and record["prior_cosine"] is not None
+
+    lora = get_peft_model(GPT2LMHeadModel.from_pretrained(base),
+                          LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    code = main([str(a) for a in ["analyze", "--base", base, "--adapter", tmp_path / "lora", "--prior", "none",
+                                  "--quiet", "--output", tmp_path / "lora-out"]])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    records = json.loads((tmp_path / "lora-out" / "analysis.json").read_text())["matrices"]
+    assert [r["shape"] for r in records] == [[96, 32], [96, 32]]
+    for record in records:
+        layer = lora.base_model.model.get_submodule(record["name"])
+        expected = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        assert record["norm"] == pytest.approx(float(expected.norm()), rel=1e-5)
+        assert record["errors"][1]["svd"] == pytest.approx(0.0, abs=1e-5)  # rank 2: exact at r = 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad inputs
 
@@ -315,6 +352,8 @@ def test_an_adapter_for_another_base(tiny, tmp_path, capsys):
     (["--tuned", "ADAPTER"], "--tuned: model folder '"),
     (["--tuned", "ADAPTER"], "(it holds a PEFT adapter: pass it as --adapter)"),
     (["--tuned", "TUNED", "--prior-batches", "0"], "--prior-batches must be positive"),
+    (["--tuned", "TUNED", "--adapter", "ADAPTER", "--target-modules", "value"],
+     "is not among the analysed changes of --tuned"),
 ])
 def test_bad_arguments(tiny, tmp_path, capsys, extra, message):
     names = {"TUNED": tiny["tuned"], "BASE": tiny["base"], "ADAPTER": tiny["adapter"]}

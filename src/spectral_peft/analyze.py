@@ -596,6 +596,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     from .finetune import (BatchStream, ModelInfo, check_compatible, load_base_model, load_tokenizer,
                            quiet_libraries, write_json)
+    from .layer import SpectralLinear
     from .tasks import CLASSIFICATION, LANGUAGE_MODELING, encode_task, load_task
 
     _check_arguments(args)
@@ -628,9 +629,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     deltas, layers, config, adapter_type = {}, {}, None, None
     if args.tuned is not None:
         tuned_info = _resolve("--tuned", args.tuned)
-        if tuned_info.config.model_type != base_info.config.model_type:
-            raise UsageError(f"--tuned {args.tuned} is a {tuned_info.config.model_type} model but --base is a "
-                             f"{base_info.config.model_type}: different architectures")
         tuned_labels = getattr(tuned_info.config, "num_labels", None) if kind == CLASSIFICATION else None
         tuned = load_base_model(ModelInfo(arg=args.tuned, path=tuned_info.path, config=tuned_info.config,
                                           decoder=tuned_info.decoder, local_only=tuned_info.local_only),
@@ -662,8 +660,9 @@ def run_analyze(args: argparse.Namespace) -> int:
                 raise UsageError(f"the adapter in {args.adapter} is all zero: nothing to analyse")
         elif not set(layers) <= set(deltas):
             missing = sorted(set(layers) - set(deltas))
-            raise UsageError(f"--tuned {args.tuned} does not change {missing[0]}, a target of --adapter "
-                             f"{args.adapter}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise UsageError(f"{missing[0]}, a target of --adapter {args.adapter}, is not among the analysed "
+                             f"changes of --tuned {args.tuned} (unchanged, or left out by --target-modules)"
+                             + (f"; {len(missing) - 1} more" if len(missing) > 1 else ""))
 
     priors = {}
     if settings["prior"] == "gradient":
@@ -687,11 +686,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         record = {"name": name, "type": layer_type(name),
                   **analyze_matrix(dw, priors.get(name), seed=settings["seed"])}
         record["relative_norm"] = float(dw.norm() / base.get_submodule(name).weight.detach().float().norm())
-        if args.tuned is not None and name in layers:
-            from .layer import SpectralLinear
-
-            if isinstance(layers[name], SpectralLinear):
-                record["locations"] = compare_locations(layers[name], "default", dw, config)
+        if args.tuned is not None and isinstance(layers.get(name), SpectralLinear):
+            record["locations"] = compare_locations(layers[name], "default", dw, config)
         matrices.append(record)
     progress.close()
     shapes = sorted({tuple(r["shape"]) for r in matrices})
