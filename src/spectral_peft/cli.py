@@ -5,6 +5,7 @@
     spectral-peft compare --methods loca,s2ft,lora,fourierft --budgets 100,300,1000 --ranks 1,4,8 \\
         --seeds 0,1,2 --output runs/grid
     spectral-peft bench --shapes minilm llama linear --output runs/bench
+    spectral-peft analyze --tuned runs/full --output runs/full-analysis          # the spectrum of a weight change
 
 Bad input (a missing file, a malformed dataset, an unknown method or model) gives one line on stderr and exit code 2.
 """
@@ -84,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    analyze = commands.add_parser(
+        "analyze", help="measure the spectrum of a weight change (full fine-tuning or an adapter)",
+        description="For each target matrix's dW (--tuned minus --base, or an adapter's): energy in the top-k DCT / "
+                    "DFT coefficients in the original, a random, and S2FT orderings; spectral flatness; error at "
+                    "equal parameter budgets against the best low-rank approximation; an adapter's locations against "
+                    "the full dW. Writes analysis.md, analysis.json, energy.png and errors.png to --output.",
+    )
+    from .analyze import add_analyze_arguments
+
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(func=_analyze)
     return parser
 
 
@@ -109,6 +122,12 @@ def _bench(args) -> int:
     from .bench import run_bench
 
     return run_bench(args)
+
+
+def _analyze(args) -> int:
+    from .analyze import run_analyze
+
+    return run_analyze(args)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -90,3 +90,68 @@ def plot_comparison(path: pathlib.Path, rows: list[dict], metric: str, title: st
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+def _panels(plt, count: int, width: float = 4.2, height: float = 3.4):
+    columns = min(3, count)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def plot_energy_curves(path: pathlib.Path, result: dict) -> None:
+    """Mean energy share in the top-k coefficients against k (share of entries, log x), one panel per layer type:
+    DCT in each ordering (solid), DFT in the original order (dashed), white noise of the first shape (dotted)."""
+    plt = _pyplot()
+    groups = list(result["summary"])
+    fig, axes = _panels(plt, len(groups))
+    xs = [100 * f for f in result["fractions"]]
+    noise = next(iter(result["white_noise"].values()), None)
+    for ax, group in zip(axes, groups):
+        data = result["summary"][group]
+        for index, (ordering, values) in enumerate(data["energy"]["dct"].items()):
+            if values[0] is not None:
+                ax.plot(xs, values, marker="o", markersize=3, color=f"C{index}", label=f"DCT {ordering}")
+        ax.plot(xs, data["energy"]["dft"]["original"], linestyle="--", color="C0", label="DFT original")
+        if noise is not None:
+            ax.plot(xs, noise["dct"]["original"]["energy"], linestyle=":", color="gray", label="white noise (DCT)")
+            ax.plot(xs, noise["dct"]["self"]["energy"], linestyle="-.", color="gray", label="white noise, self")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-k coefficients (% of entries)")
+        ax.set_ylabel("share of ||dW||² (mean)")
+        ax.set_title(f"{group} ({data['matrices']} matrices)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_errors(path: pathlib.Path, result: dict) -> None:
+    """Mean relative Frobenius error against the parameter budget (in rank units r, P = r(M+N)), one panel per
+    layer type, one line per approximation."""
+    plt = _pyplot()
+    groups = list(result["summary"])
+    fig, axes = _panels(plt, len(groups))
+    styles = {"svd": ("black", "-"), "dct_top": ("C0", "-"), "dct_top_3n": ("C0", ":"), "dct_random": ("C1", "-"),
+              "dct_s2ft_self": ("C2", "-"), "dct_s2ft_prior": ("C3", "-"), "dft_top": ("C4", "--")}
+    for ax, group in zip(axes, groups):
+        rows = result["summary"][group]["errors"]
+        ranks = [row["rank"] for row in rows]
+        for key, (color, style) in styles.items():
+            values = [row.get(key) for row in rows]
+            if values and all(v is not None for v in values):
+                ax.plot(ranks, values, marker="o", markersize=3, color=color, linestyle=style, label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("budget P = r(M+N), in units of rank r")
+        ax.set_ylabel("||dW - A||_F / ||dW||_F (mean)")
+        ax.set_title(f"{group} ({result['summary'][group]['matrices']} matrices)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

@@ -64,25 +64,38 @@ def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable
     Only the target weights take gradients (through ``torch.autograd.grad``, so no ``.grad`` is touched and
     no optimizer state exists); every ``requires_grad`` flag and the train/eval mode are restored.
     """
-    weights = [layer.get_base_layer().weight for layer in layers]
-    priors = [torch.zeros(layer.out_features, layer.in_features) for layer in layers]
+    weights = {layer.module_name: (layer.get_base_layer().weight, layer.fan_in_fan_out) for layer in layers}
+    return summed_gradients(model, weights, batches, num_batches)
+
+
+def summed_gradients(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, bool]], batches: Iterable,
+                     num_batches: int, desc: str = "S2FT gradient prior",
+                     quiet: bool = False) -> dict[str, torch.Tensor]:
+    """Minus the summed gradient of the loss over ``num_batches`` batches, for each named weight of ``model``.
+
+    ``weights`` maps a name to ``(weight, transposed)``; a transposed (Conv1D, in x out) weight's gradient is
+    returned as out x in. Results are float32 on the CPU. The model's ``requires_grad`` flags and train/eval mode
+    are restored; the forward passes run in eval mode (no dropout: the same prior on every rank and rerun).
+    """
+    priors = {name: torch.zeros(w.shape[::-1] if transposed else w.shape) for name, (w, transposed) in weights.items()}
+    tensors = [w for w, _ in weights.values()]
     seen = 0
     with _kept_state(model):
         for p in model.parameters():
             p.requires_grad_(False)
-        for w in weights:
+        for w in tensors:
             w.requires_grad_(True)
-        model.eval()  # deterministic: no dropout, so every rank and every rerun gets the same prior
+        model.eval()
         prior_batches = itertools.islice(batches, num_batches)
-        for batch in tqdm(prior_batches, total=num_batches, desc="S2FT gradient prior", unit="batch", leave=False):
-            grads = torch.autograd.grad(_loss(model, batch), weights)
-            for prior, layer, grad in zip(priors, layers, grads):
-                grad = grad.T if layer.fan_in_fan_out else grad
-                prior -= grad.detach().float().cpu()
+        for batch in tqdm(prior_batches, total=num_batches, desc=desc, unit="batch", leave=False,
+                          disable=True if quiet else None):
+            grads = torch.autograd.grad(_loss(model, batch), tensors)
+            for (name, (_, transposed)), grad in zip(weights.items(), grads):
+                priors[name] -= (grad.T if transposed else grad).detach().float().cpu()
             seen += 1
     if seen == 0:
         raise ValueError("prepare_s2ft: the batch iterable yielded no batch")
-    return {layer.module_name: prior for layer, prior in zip(layers, priors)}
+    return priors
 
 
 def _input_directions(lora_model: nn.Module, batch: Mapping, rank: int) -> dict[str, torch.Tensor]:

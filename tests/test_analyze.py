@@ -1,0 +1,369 @@
+"""`spectral-peft analyze`: each metric against a direct computation on small matrices with known answers, the
+report on tiny models (tuned and adapter), and bad inputs (one clear error line, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+from spectral_peft.analysis import flatness_of, power_spectrum, spectral_flatness
+from spectral_peft.analyze import (
+    analyze_matrix,
+    compare_locations,
+    error_from_share,
+    layer_type,
+    mean_distance,
+    overlap,
+    share_at,
+    svd_errors,
+    top_cells,
+)
+from spectral_peft.cli import main
+
+from .cli_support import examples, make_tiny_bert, make_tiny_gpt2, write_csv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def from_dct(spectrum: np.ndarray) -> torch.Tensor:
+    """The matrix whose orthonormal 2-D DCT-II is ``spectrum``."""
+    return torch.from_numpy(scipy.fft.idctn(spectrum, type=2, norm="ortho"))
+
+
+def dct_atoms(shape, cells, values) -> torch.Tensor:
+    spectrum = np.zeros(shape)
+    for (r, c), v in zip(cells, values):
+        spectrum[r, c] = v
+    return from_dct(spectrum)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics against direct computations
+
+
+def test_svd_error_of_a_rank_one_matrix_is_zero_and_of_rank_two_known():
+    u, v = torch.randn(12, 1, dtype=torch.float64), torch.randn(1, 9, dtype=torch.float64)
+    assert svd_errors(u @ v, [1, 2, 5]) == pytest.approx([0.0, 0.0, 0.0], abs=1e-7)
+    # singular values 3 and 1 on orthonormal vectors: the best rank-1 error is 1 / sqrt(10)
+    q1, _ = torch.linalg.qr(torch.randn(12, 2, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(9, 2, dtype=torch.float64))
+    matrix = 3 * q1[:, :1] @ q2[:, :1].T + q1[:, 1:] @ q2[:, 1:].T
+    assert svd_errors(matrix, [1, 2]) == pytest.approx([1 / math.sqrt(10), 0.0], abs=1e-7)
+
+
+def test_a_matrix_of_k_dct_atoms_is_captured_by_k_coefficients_and_its_spectrum_is_not_flat():
+    shape, cells, values = (16, 24), [(0, 0), (3, 7), (15, 23), (8, 1)], [4.0, -3.0, 2.0, 1.0]
+    matrix = dct_atoms(shape, cells, values)
+    result = analyze_matrix(matrix, ranks=(1, 2), fractions=(4 / 384, 3 / 384))
+    assert result["energy"]["dct"]["original"] == pytest.approx([1.0, 1 - 1 / 30], abs=1e-9)
+    assert spectral_flatness(matrix) < 1e-6
+    assert {tuple(c) for c in top_cells(power_spectrum(matrix), 4).T.tolist()} == set(cells)
+    # budget r(M+N) = 40 >= 4 coefficients: the top-P DCT approximation is exact; a rank-1 one is not
+    first = result["errors"][0]
+    assert first["budget"] == 40 and first["dct_top"] == pytest.approx(0.0, abs=1e-7) and first["svd"] > 0.1
+
+
+def test_flatness_of_a_flat_spectrum_is_one_and_of_white_noise_the_chi_squared_value():
+    signs = np.where(np.random.default_rng(0).random((20, 30)) < 0.5, -1.0, 1.0)
+    assert spectral_flatness(from_dct(signs)) == pytest.approx(1.0, abs=1e-9)
+    noise = torch.randn(256, 256, dtype=torch.float64)
+    gamma = 0.5772156649
+    assert spectral_flatness(noise, "dct") == pytest.approx(math.exp(-gamma) / 2, abs=0.01)
+    assert spectral_flatness(noise, "dft") == pytest.approx(math.exp(-gamma), abs=0.01)
+    assert flatness_of(torch.zeros(3, 3)) == 0.0
+
+
+def test_error_at_fixed_locations_equals_the_least_squares_fit_on_those_atoms():
+    """The optimal coefficients on a fixed support, fitted directly by least squares over the DCT atoms."""
+    shape = (6, 5)
+    matrix = torch.randn(*shape, dtype=torch.float64)
+    cells = torch.tensor([[0, 2, 5, 3, 1], [0, 4, 1, 3, 2]])
+    atoms = np.stack([dct_atoms(shape, [(int(r), int(c))], [1.0]).numpy().ravel() for r, c in cells.T])
+    coef, *_ = np.linalg.lstsq(atoms.T, matrix.numpy().ravel(), rcond=None)
+    direct = np.linalg.norm(matrix.numpy().ravel() - atoms.T @ coef) / np.linalg.norm(matrix.numpy())
+    assert error_from_share(share_at(power_spectrum(matrix), cells)) == pytest.approx(direct, rel=1e-9)
+
+
+def test_random_locations_of_a_flat_matrix_keep_their_share_of_entries():
+    result = analyze_matrix(torch.randn(64, 64, dtype=torch.float64), ranks=(4,))
+    budget = result["errors"][0]["budget"]
+    expected = math.sqrt(1 - budget / 64**2)
+    assert result["errors"][0]["dct_random"] == pytest.approx(expected, abs=0.02)
+
+
+def smooth(m: int, n: int) -> torch.Tensor:
+    i = torch.linspace(0, 1, m, dtype=torch.float64)[:, None]
+    j = torch.linspace(0, 1, n, dtype=torch.float64)[None, :]
+    return torch.sin(3 * i + 2 * j) + torch.cos(4 * i * j) + i * j
+
+
+def test_a_shuffled_smooth_matrix_is_flat_and_its_own_ordering_makes_it_sparse_again():
+    m, n = 48, 40
+    generator = torch.Generator().manual_seed(0)
+    clean = smooth(m, n)
+    shuffled = clean[torch.randperm(m, generator=generator)][:, torch.randperm(n, generator=generator)]
+    k = round(0.01 * m * n)
+    result = analyze_matrix(shuffled, prior=clean * 0 + shuffled, fractions=(0.01,), ranks=(1,))
+    smooth_share = analyze_matrix(clean, fractions=(0.01,), ranks=(1,))["energy"]["dct"]["original"][0]
+    energy = result["energy"]["dct"]
+    assert smooth_share > 0.99 and k == 19
+    assert energy["original"][0] < 0.9 < energy["self"][0]
+    assert energy["prior"][0] == pytest.approx(energy["self"][0])  # the prior is the matrix itself here
+    assert abs(energy["random"][0] - energy["original"][0]) < 0.2  # shuffling a shuffle keeps it shuffled
+
+
+def test_overlap_and_distance_of_cell_sets():
+    a = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    b = torch.tensor([[0, 1, 5], [0, 2, 5]])
+    assert overlap(a, b, n_cols=6) == 1
+    # (0,0) -> itself 0; (1,1) -> (1,2) 1; (2,2) -> (1,2) 1
+    assert mean_distance(a, b) == pytest.approx(2 / 3)
+
+
+def test_layer_types():
+    assert layer_type("bert.encoder.layer.3.attention.self.query") == "attention.self.query"
+    assert layer_type("bert.pooler.dense") == "bert.pooler.dense"
+    assert layer_type("model.layers.10.mlp.up_proj") == "mlp.up_proj"
+
+
+def test_locations_of_a_loca_layer_against_a_reference(tiny_bert):
+    """Locations placed on the reference's top-n cells overlap it fully; the initial draw is redrawn exactly."""
+    from peft import get_peft_model
+
+    import spectral_peft
+
+    config = spectral_peft.LocaConfig(target_modules=["query"], n_frequency=20, location_seed=3)
+    model = get_peft_model(tiny_bert, config)
+    name = "bert.encoder.layer.0.attention.self.query"
+    layer = model.base_model.model.get_submodule(name)
+    initial = layer.spectrum("default").cells.clone()
+    reference = torch.randn(32, 32, dtype=torch.float64)
+    best = top_cells(power_spectrum(reference), 20)
+    layer.set_locations("default", best)
+    result = compare_locations(layer, "default", reference, config)
+    assert result["overlap"] == 1.0 and result["mean_distance"] == 0.0 and result["moved"] == 1.0 - overlap(
+        best, initial, 32) / 20
+    assert result["energy_share"] == pytest.approx(result["top_n_energy_share"])
+    assert result["initial_energy_share"] == pytest.approx(share_at(power_spectrum(reference), initial))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command on tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny base, a 'fully tuned' copy with query and value changed, a CSV task and a LoCA adapter."""
+    from peft import get_peft_model
+    from transformers import BertForSequenceClassification
+
+    import spectral_peft
+
+    root = tmp_path_factory.mktemp("analyze")
+    base = make_tiny_bert(root / "base")
+    torch.manual_seed(0)
+    tuned = BertForSequenceClassification.from_pretrained(base, num_labels=3)
+    changes = {}
+    with torch.no_grad():
+        for name, module in tuned.named_modules():
+            if name.endswith(("query", "value")):
+                change = 0.01 * torch.randn_like(module.weight)
+                module.weight += change
+                changes[name] = change
+    tuned.save_pretrained(root / "tuned")
+    task = write_csv(root / "task.csv", examples(per_label=8))
+    model = get_peft_model(BertForSequenceClassification.from_pretrained(base, num_labels=3),
+                           spectral_peft.LocaConfig(target_modules=["query"], n_frequency=16, location_seed=5,
+                                                    modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "loca_coefficients" in name:
+                param.copy_(torch.randn_like(param))
+    model.save_pretrained(root / "loca")
+    return {"root": root, "base": str(base), "tuned": str(root / "tuned"), "task": str(task),
+            "adapter": str(root / "loca"), "changes": changes}
+
+
+FAST = ["--max-length", "16", "--batch-size", "4", "--prior-batches", "2", "--threads", "1", "--quiet"]
+
+
+def test_report_of_a_tuned_model(tiny, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["analyze", "--base", tiny["base"], "--tuned", tiny["tuned"], "--task", tiny["task"], *FAST,
+                 "--output", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads((out / "analysis.json").read_text())
+    # exactly the changed matrices (the head is a fresh initialisation in the base, so it is left out)
+    assert {r["name"] for r in result["matrices"]} == set(tiny["changes"])
+    for record in result["matrices"]:
+        assert record["norm"] == pytest.approx(float(tiny["changes"][record["name"]].norm()), rel=1e-4)
+        assert record["type"] in ("attention.self.query", "attention.self.value")
+        assert set(record["energy"]["dct"]) == {"original", "random", "self", "prior"}
+        assert record["errors"][0]["rank"] == 1 and record["errors"][0]["budget"] == 64
+        assert -1 <= record["prior_cosine"] <= 1
+    assert list(result["summary"]) == ["attention.self.query", "attention.self.value", "all"]
+    assert result["settings"]["prior"] == "gradient" and result["settings"]["max_length"] == 16
+    report = (out / "analysis.md").read_text()
+    assert "## Approximation error at equal parameter budgets" in report and "Relative Frobenius error" in report
+    assert "bert.encoder.layer.1.attention.self.value" in report
+    for plot in ("energy.png", "errors.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp"))
+
+
+def test_target_modules_and_no_prior(tiny, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["analyze", "--base", tiny["base"], "--tuned", tiny["tuned"], "--target-modules", "value",
+                 "--prior", "none", "--quiet", "--output", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads((out / "analysis.json").read_text())
+    assert [r["name"].rsplit(".", 1)[-1] for r in result["matrices"]] == ["value", "value"]
+    assert all("prior" not in r["energy"]["dct"] and r["prior_cosine"] is None for r in result["matrices"])
+
+
+def test_an_adapter_alone_and_against_the_tuned_model(tiny, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+
+    out = tmp_path / "adapter"
+    code = main(["analyze", "--base", tiny["base"], "--adapter", tiny["adapter"], "--prior", "none", "--quiet",
+                 "--output", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads((out / "analysis.json").read_text())
+    model = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(tiny["base"], num_labels=3),
+                                      tiny["adapter"])
+    names = [r["name"] for r in result["matrices"]]
+    assert names == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+    for record in result["matrices"]:
+        dw = model.base_model.model.get_submodule(record["name"]).get_delta_weight("default")
+        assert record["norm"] == pytest.approx(float(dw.norm()), rel=1e-5)
+        # 16 DCT atoms: the 16 top coefficients (top 10% of 1024 entries and more) hold everything
+        assert record["energy"]["dct"]["original"][-1] == pytest.approx(1.0)
+    assert result["inputs"]["adapter_type"] == "LOCA"
+
+    out = tmp_path / "both"
+    code = main(["analyze", "--base", tiny["base"], "--tuned", tiny["tuned"], "--adapter", tiny["adapter"],
+                 "--prior", "none", "--quiet", "--output", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads((out / "analysis.json").read_text())
+    located = {r["name"]: r["locations"] for r in result["matrices"] if r.get("locations")}
+    assert set(located) == set(names)
+    for loc in located.values():
+        assert loc["n"] == 16 and 0 <= loc["overlap"] <= 1 and loc["energy_share"] <= loc["top_n_energy_share"]
+        assert loc["moved"] == 0.0  # never trained: still on the initial cells
+    assert "## Adapter locations against the full fine-tuning dW" in (out / "analysis.md").read_text()
+
+
+def test_a_decoder_with_conv1d_weights_tuned_and_with_a_lora_adapter(tmp_path, capsys):
+    """GPT-2 stores c_attn as Conv1D (in x out): dW, the prior and a LoRA adapter's dW all come out as out x in."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from .cli_support import write_text
+
+    base = make_tiny_gpt2(tmp_path / "gpt2")
+    tuned = GPT2LMHeadModel.from_pretrained(base)
+    change = 0.01 * torch.randn(32, 96)
+    with torch.no_grad():
+        tuned.transformer.h[0].attn.c_attn.weight += change
+    tuned.save_pretrained(tmp_path / "tuned")
+    code = main([str(a) for a in ["analyze", "--base", base, "--tuned", tmp_path / "tuned", "--task",
+                                  write_text(tmp_path / "t.txt"), *FAST, "--output", tmp_path / "out"]])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    (record,) = json.loads((tmp_path / "out" / "analysis.json").read_text())["matrices"]
+    assert record["name"] == "transformer.h.0.attn.c_attn" and record["shape"] == [96, 32]
+    assert record["norm"] == pytest.approx(float(change.norm()), rel=1e-4) and record["prior_cosine"] is not None
+
+    lora = get_peft_model(GPT2LMHeadModel.from_pretrained(base),
+                          LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    code = main([str(a) for a in ["analyze", "--base", base, "--adapter", tmp_path / "lora", "--prior", "none",
+                                  "--quiet", "--output", tmp_path / "lora-out"]])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    records = json.loads((tmp_path / "lora-out" / "analysis.json").read_text())["matrices"]
+    assert [r["shape"] for r in records] == [[96, 32], [96, 32]]
+    for record in records:
+        layer = lora.base_model.model.get_submodule(record["name"])
+        expected = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        assert record["norm"] == pytest.approx(float(expected.norm()), rel=1e-5)
+        assert record["errors"][1]["svd"] == pytest.approx(0.0, abs=1e-5)  # rank 2: exact at r = 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def bad_input(capsys, argv, message: str) -> None:
+    code = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("spectral-peft: error:")]
+    assert len(errors) == 1 and message in errors[0], err
+
+
+def test_base_and_tuned_of_different_architectures(tiny, tmp_path, capsys):
+    gpt2 = make_tiny_gpt2(tmp_path / "gpt2")
+    bad_input(capsys, ["analyze", "--base", tiny["base"], "--tuned", gpt2, "--prior", "none", "--output",
+                       tmp_path / "o"], "is a gpt2 model but --base is a bert: different architectures")
+    assert not (tmp_path / "o").exists()
+
+
+def test_base_and_tuned_of_different_sizes(tiny, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=27, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64)
+    BertModel(config).save_pretrained(tmp_path / "wide")
+    bad_input(capsys, ["analyze", "--base", tiny["base"], "--tuned", tmp_path / "wide", "--prior", "none",
+                       "--output", tmp_path / "o"], "different architectures")
+
+
+def test_an_adapter_for_another_base(tiny, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    from .cli_support import make_tokenizer
+
+    config = BertConfig(vocab_size=27, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(tmp_path / "other")
+    make_tokenizer(tmp_path / "other")
+    bad_input(capsys, ["analyze", "--base", tmp_path / "other", "--adapter", tiny["adapter"], "--prior", "none",
+                       "--output", tmp_path / "o"], f"--adapter {tiny['adapter']} does not fit --base")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "give --tuned (a fully fine-tuned model) or --adapter"),
+    (["--adapter", "/nonexistent/adapter"], "--adapter folder not found: /nonexistent/adapter"),
+    (["--adapter", "TUNED"], "has no adapter_config.json; it is not a PEFT adapter folder (it holds a whole model"),
+    (["--tuned", "TUNED", "--target-modules", "nothing_like_this"], "'nothing_like_this' matches no Linear module"),
+    (["--tuned", "BASE"], "no Linear weight differs between --base and --tuned"),
+    (["--tuned", "ADAPTER"], "--tuned: model folder '"),
+    (["--tuned", "ADAPTER"], "(it holds a PEFT adapter: pass it as --adapter)"),
+    (["--tuned", "TUNED", "--prior-batches", "0"], "--prior-batches must be positive"),
+    (["--tuned", "TUNED", "--adapter", "ADAPTER", "--target-modules", "value"],
+     "is not among the analysed changes of --tuned"),
+])
+def test_bad_arguments(tiny, tmp_path, capsys, extra, message):
+    names = {"TUNED": tiny["tuned"], "BASE": tiny["base"], "ADAPTER": tiny["adapter"]}
+    extra = [names.get(a, a) for a in extra]
+    bad_input(capsys, ["analyze", "--base", tiny["base"], *extra, "--prior", "none", "--output", tmp_path / "o"],
+              message)
+
+
+def test_an_output_folder_with_other_files_is_refused(tiny, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    bad_input(capsys, ["analyze", "--base", tiny["base"], "--tuned", tiny["tuned"], "--prior", "none", "--output",
+                       tmp_path / "o"], "is not empty and holds no earlier analysis")
