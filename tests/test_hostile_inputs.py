@@ -191,6 +191,17 @@ def test_a_saved_adapter_carries_a_checksum_and_loads(saved, method):
     assert torch.equal(logits(PeftModel.from_pretrained(build_bert(0), folder), ids), logits(trained(method), ids))
 
 
+@pytest.mark.parametrize("stock_type", ["LORA", "FOURIERFT"])
+@pytest.mark.parametrize("method", CONFIGS)
+def test_our_tensors_under_a_stock_method_type_are_refused(saved, method, stock_type):
+    # stock PEFT's own loader runs for these; it would skip our tensors and keep an empty or random adapter
+    folder = saved(method)
+    edit_config(peft_type=stock_type)(folder, method + "_")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder / WEIGHTS))} holds {method}_ tensors but "
+                                         rf".*says peft_type '{stock_type}'"):
+        PeftModel.from_pretrained(build_bert(0), folder)
+
+
 def test_other_methods_are_saved_as_stock_peft_saves_them(tmp_path):
     get_peft_model(build_bert(0), LoraConfig(target_modules=["query"], r=2)).save_pretrained(tmp_path)
     with safe_open(str(tmp_path / WEIGHTS), "pt") as f:

@@ -17,6 +17,7 @@ import uuid
 from typing import Callable, Optional
 
 import peft.peft_model
+import peft.utils.save_and_load
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
@@ -27,6 +28,7 @@ CHECKSUM_KEY = "spectral_peft_sha256"
 SPECTRAL_PREFIXES: set[str] = set()
 
 _stock_save_file = peft.peft_model.safe_save_file
+_stock_load_file = peft.utils.save_and_load.safe_load_file
 # folder -> checksum of the weights just written there, for the config PEFT writes next (SpectralConfig.save_pretrained)
 _written: dict[str, str] = {}
 
@@ -55,7 +57,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def holds_spectral_tensors(keys) -> bool:
-    return any(key.rsplit(".", 1)[-1].startswith(prefix) for key in keys for prefix in SPECTRAL_PREFIXES)
+    return any(holds_spectral_tensors_of(keys, prefix) for prefix in SPECTRAL_PREFIXES)
 
 
 def save_file(tensors: dict, filename: str, metadata: Optional[dict] = None) -> None:
@@ -73,8 +75,30 @@ def take_written_checksum(folder: str) -> Optional[str]:
     return _written.pop(os.path.realpath(folder), None)
 
 
+def load_file(filename: str, device="cpu") -> dict:
+    """Stands in for the reader of PEFT's ``load_peft_weights``: our methods' tensors under a config of a stock
+    method (``peft_type`` LORA, FOURIERFT, ...) are refused. That method's loader would skip them as unknown keys
+    and leave its own adapter empty or random: a silently wrong model."""
+    tensors = _stock_load_file(filename, device=device)
+    prefixes = sorted(p for p in SPECTRAL_PREFIXES if holds_spectral_tensors_of(tensors, p))
+    config_path = os.path.join(os.path.dirname(filename), "adapter_config.json")
+    if prefixes and os.path.isfile(config_path):
+        with open(config_path) as f:
+            peft_type = str(json.load(f).get("peft_type"))
+        if f"{peft_type.lower()}_" not in prefixes:
+            raise ValueError(f"{filename} holds {', '.join(prefixes)} tensors but {config_path} says peft_type "
+                             f"'{peft_type}': the config belongs to another method")
+    return tensors
+
+
+def holds_spectral_tensors_of(keys, prefix: str) -> bool:
+    return any(key.rsplit(".", 1)[-1].startswith(prefix) for key in keys)
+
+
 def install_writer() -> None:
+    """Route PEFT's adapter file writes and reads through :func:`save_file` and :func:`load_file`."""
     peft.peft_model.safe_save_file = save_file
+    peft.utils.save_and_load.safe_load_file = load_file
 
 
 def read_weights(folder: str, config_checksum: Optional[str] = None) -> tuple[str, dict[str, torch.Tensor]]:

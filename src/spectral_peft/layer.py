@@ -17,7 +17,9 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .spectral import TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, delta_weight, spectral_forward
+from .spectral import (
+    TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, delta_weight, dense_forward, spectral_forward,
+)
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -265,8 +267,7 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
                 continue
             spec = self.spectrum(name)
             if self.spectral_path == "dense":
-                dw = delta_weight(spec)
-                delta = torch.nn.functional.linear(x.to(dw.dtype), dw).to(x.dtype)
+                delta = dense_forward(x, spec)
             elif self.spectral_path == "activation":
                 delta = apply_delta(x, spec)
             else:

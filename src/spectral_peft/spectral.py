@@ -331,27 +331,37 @@ def delta_weight(spec: Spectrum) -> torch.Tensor:
     return dw
 
 
-def prefers_dense(tokens: int, spec: Spectrum) -> bool:
+def prefers_dense(tokens: int, spec: Spectrum, device: torch.device = torch.device("cpu")) -> bool:
     """Whether building dW and multiplying densely beats the transforms on ``tokens`` rows of activations.
 
-    A cost model of one training step (forward and backward), in nanoseconds, fitted to measurements of both
-    paths on a 2-core x86 CPU (384 x 384 at 256 and 4096 tokens, 2048 x 2048 at 16 and 256 tokens): the
-    activation path costs per token and feature plus per token and coefficient; the dense path costs three
-    T x M x N matmuls plus the 2-D transforms that build dW and its spectral gradient. Small square layers with
-    many tokens go dense; large layers go through the activations.
+    On a GPU the dense path always wins: its matmuls cost little there, while the activation path is many small
+    kernels. On CPU a cost model of one training step (forward and backward), in nanoseconds, fitted to
+    measurements of both paths on a 2-core x86 CPU: the activation path costs per token and feature plus per token
+    and coefficient; the dense path costs three T x M x N matmuls plus the 2-D transforms that build dW and its
+    spectral gradient. Small layers with many tokens go dense; large layers go through the activations.
     """
+    if device.type == "cuda":
+        return True
     m, n = spec.out_features, spec.in_features
     activation = 41.0 * tokens * (m + n) + 27.0 * tokens * spec.coefficients.numel()
     dense = 0.031 * 3 * tokens * m * n + 9.4 * m * n * (math.log2(max(m, 2)) + math.log2(max(n, 2)))
     return dense < activation
 
 
+def dense_forward(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
+    """``x @ dW^T`` with dW built densely. dW is cast to a half-precision input's dtype (as stock PEFT does), so
+    the activations are never copied to float32; its gradient still reaches the float32 coefficients."""
+    dw = delta_weight(spec)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.linear(x, dw.to(x.dtype))
+    return F.linear(x.to(dw.dtype), dw).to(x.dtype)
+
+
 def spectral_forward(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
     """The adapter's output ``x @ dW^T`` by the cheaper path."""
     tokens = x.numel() // max(spec.in_features, 1)
-    if prefers_dense(tokens, spec):
-        dw = delta_weight(spec)
-        return F.linear(x.to(dw.dtype), dw).to(x.dtype)
+    if prefers_dense(tokens, spec, x.device):
+        return dense_forward(x, spec)
     return apply_delta(x, spec)
 
 
