@@ -101,6 +101,23 @@ def _panels(plt, count: int, width: float = 4.2, height: float = 3.4):
     return fig, list(axes.flat[:count])
 
 
+def _label_panel(ax, title: str, xlabel: str, ylabel: str, top: float, base: float = 10) -> None:
+    """A log-x panel of shares in [0, top]."""
+    ax.set_xscale("log", base=base)
+    ax.set_ylim(0, top)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+
+
+def _write_panels(plt, fig, axes, path: pathlib.Path, legend_loc: str) -> None:
+    axes[0].legend(fontsize=7, loc=legend_loc)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
 def plot_energy_curves(path: pathlib.Path, result: dict) -> None:
     """Mean energy share in the top-k coefficients against k (share of entries, log x), one panel per layer type:
     DCT in each ordering (solid), DFT in the original order (dashed), white noise of the first shape (dotted)."""
@@ -118,16 +135,9 @@ def plot_energy_curves(path: pathlib.Path, result: dict) -> None:
         if noise is not None:
             ax.plot(xs, noise["dct"]["original"]["energy"], linestyle=":", color="gray", label="white noise (DCT)")
             ax.plot(xs, noise["dct"]["self"]["energy"], linestyle="-.", color="gray", label="white noise, self")
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("top-k coefficients (% of entries)")
-        ax.set_ylabel("share of ||dW||² (mean)")
-        ax.set_title(f"{group} ({data['matrices']} matrices)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+        _label_panel(ax, f"{group} ({data['matrices']} matrices)", "top-k coefficients (% of entries)",
+                     "share of ||dW||² (mean)", top=1)
+    _write_panels(plt, fig, axes, path, legend_loc="upper left")
 
 
 def plot_errors(path: pathlib.Path, result: dict) -> None:
@@ -145,13 +155,6 @@ def plot_errors(path: pathlib.Path, result: dict) -> None:
             values = [row.get(key) for row in rows]
             if values and all(v is not None for v in values):
                 ax.plot(ranks, values, marker="o", markersize=3, color=color, linestyle=style, label=key)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("budget P = r(M+N), in units of rank r")
-        ax.set_ylabel("||dW - A||_F / ||dW||_F (mean)")
-        ax.set_title(f"{group} ({result['summary'][group]['matrices']} matrices)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+        _label_panel(ax, f"{group} ({result['summary'][group]['matrices']} matrices)",
+                     "budget P = r(M+N), in units of rank r", "||dW - A||_F / ||dW||_F (mean)", top=1.02, base=2)
+    _write_panels(plt, fig, axes, path, legend_loc="lower left")

@@ -1,0 +1,72 @@
+"""`spectral-peft bench` on a tiny linear layer: what it measures, what it writes, and its bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spectral_peft import bench
+from spectral_peft.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_measure_reports_every_method_against_the_base_step():
+    work = bench._workload("linear", "cpu", torch.float32, width=32, tokens=64)
+    result = bench.measure(work, ["lora", "fastfourierft", "loca", "loca-locations"], n=50, rank=4, repeats=2,
+                           warmup=1, device="cpu")
+    methods = result["methods"]
+    assert list(methods) == ["base", "lora", "fastfourierft", "loca", "loca-locations"]
+    assert methods["base"]["trainable"] == 0
+    assert methods["lora"]["trainable"] == 4 * (32 + 32)
+    assert methods["loca"]["trainable"] == 50 + 2 * 50  # coefficients and their float locations
+    for name, m in methods.items():
+        assert 0 < m["step_s"]["min"] <= m["step_s"]["median"] <= m["step_s"]["max"]
+        assert m["peak_memory_bytes"] >= 32 * 32 * 4  # at least the frozen weight
+        assert "unmerged_inference_s" in m
+        if name != "base":
+            assert m["overhead_s"] == pytest.approx(m["step_s"]["median"] - methods["base"]["step_s"]["median"])
+            assert m["merged_inference_s"]["median"] > 0
+    table = bench.table(result)
+    assert table.count("\n") == 2 + len(methods) - 1
+    assert "| LoRA (stock PEFT) |" in table and "| 1.00 |" in table
+
+
+def test_merged_timing_leaves_the_shared_weights_unchanged():
+    torch.manual_seed(0)
+    work = bench._workload("linear", "cpu", torch.float32, width=16, tokens=8)
+    before = work.model.proj.weight.detach().clone()
+    bench.measure(work, ["loca"], n=20, rank=2, repeats=1, warmup=0, device="cpu")
+    # the LoCA step trained its coefficients, so a merge left behind would have moved the weight
+    torch.testing.assert_close(work.model.proj.weight.detach(), before, atol=1e-6, rtol=0)
+
+
+def test_the_command_writes_json_markdown_and_the_sweep_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--shapes", "linear", "--methods", "lora", "fourierft", "fastfourierft", "loca",
+                 "--sweep-widths", "16", "32", "--sweep-n", "10", "100", "--repeats", "1", "--warmup", "0",
+                 "--threads", "1", "--output", str(out)])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    points = {(r["width"], r["n"], r["method"]) for r in report["sweep"]}
+    # every method at every (width, n) point
+    assert len(points) == 2 * 2 * 4
+    assert report["machine"]["torch"] == torch.__version__
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert "## linear sweep" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--repeats", "0"], "--repeats must be positive"),
+    (["--shapes", "resnet"], "invalid choice: 'resnet'"),
+])
+def test_bad_input_is_one_line(argv, message, capsys):
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    code = main(["bench", *argv])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("spectral-peft: error:") and message in err
