@@ -19,36 +19,39 @@ _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=64)
-def _twiddles(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp(-i pi k / 2n) and the orthonormal scale of each output index k, cached per length."""
-    k = torch.arange(n, dtype=torch.float64)
+def _tables(n: int, dtype: torch.dtype, device: torch.device):
+    """Cached per length: exp(-i pi k / 2n) for the n // 2 + 1 bins of an rfft, the orthonormal scale of each output
+    index, Makhoul's reorder (even samples, then odd ones reversed) and its inverse."""
+    k = torch.arange(n // 2 + 1, dtype=torch.float64)
     twiddle = torch.exp(-1j * math.pi * k / (2 * n))
     scale = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
     scale[0] = math.sqrt(1.0 / n)
+    reorder = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)])
+    restore = torch.empty_like(reorder)
+    restore[reorder] = torch.arange(n)
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    return twiddle.to(device=device, dtype=complex_dtype), scale.to(device=device, dtype=dtype)
+    return (twiddle.to(device=device, dtype=complex_dtype), scale.to(device=device, dtype=dtype), reorder.to(device),
+            restore.to(device))
 
 
 def _dct_last(x: torch.Tensor) -> torch.Tensor:
-    # Makhoul: reorder even samples forward and odd samples backward, one FFT, rotate by a quarter sample.
+    # Makhoul with a real FFT: C_k = Re(W_k V_k) for the rfft's bins k <= n/2, and C_{n-k} = -Im(W_k V_k) above.
     n = x.shape[-1]
-    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
-    twiddle, scale = _twiddles(n, x.dtype, x.device)
-    return (torch.fft.fft(v, dim=-1) * twiddle).real * scale
+    twiddle, scale, reorder, _ = _tables(n, x.dtype, x.device)
+    t = torch.fft.rfft(x.index_select(-1, reorder), dim=-1) * twiddle
+    return torch.cat([t.real, -t.imag[..., 1:(n + 1) // 2].flip(-1)], dim=-1) * scale
 
 
 def _idct_last(x: torch.Tensor) -> torch.Tensor:
+    # The inverse: the rfft bins V_k = conj(W_k) (c_k - i c_{n-k}) (c = x / scale, c_n = 0), one inverse real FFT,
+    # then the samples back from Makhoul's order.
     n = x.shape[-1]
-    twiddle, scale = _twiddles(n, x.dtype, x.device)
+    twiddle, scale, _, restore = _tables(n, x.dtype, x.device)
     c = x / scale
-    # V_k = conj(twiddle_k) * (C_k - i C_{n-k}), with C_n = 0.
-    c_reflected = torch.cat([torch.zeros_like(c[..., :1]), c[..., 1:].flip(-1)], dim=-1)
-    v = torch.fft.ifft(torch.complex(c, -c_reflected) * twiddle.conj(), dim=-1).real
-    x_out = torch.empty_like(v)
-    half = (n + 1) // 2
-    x_out[..., ::2] = v[..., :half]
-    x_out[..., 1::2] = v[..., half:].flip(-1)
-    return x_out
+    bins = n // 2 + 1
+    mirrored = torch.cat([torch.zeros_like(c[..., :1]), c[..., n - bins + 1:].flip(-1)], dim=-1)
+    v = torch.fft.irfft(torch.complex(c[..., :bins], -mirrored) * twiddle.conj(), n=n, dim=-1)
+    return v.index_select(-1, restore)
 
 
 def _along(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
