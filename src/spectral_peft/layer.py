@@ -14,11 +14,12 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.other import transpose
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .spectral import (
-    TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, delta_weight, dense_forward, spectral_forward,
+    TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, delta_weight, dense_forward, prefers_dense,
 )
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
@@ -258,22 +259,44 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         coefficients = self._container("coefficients")
-        for name in self.active_adapters:
-            if name not in coefficients:
+        specs = [self.spectrum(name) for name in self.active_adapters if name in coefficients]
+        foldable = self._can_fold(x, args, kwargs)
+        tokens = x.numel() // max(self.in_features, 1)
+        dense = [self._takes_dense_path(tokens, spec, x.device, foldable) for spec in specs]
+        if foldable and any(dense):
+            # the dense updates join the frozen weight in the layer's own product: of the three matmuls an
+            # adapter's dense path costs in training (forward, input gradient, weight gradient) two are saved
+            base = self.get_base_layer()
+            weight = transpose(base.weight, self.fan_in_fan_out)
+            for spec in (spec for spec, is_dense in zip(specs, dense) if is_dense):
+                weight = weight + delta_weight(spec).to(weight.dtype)
+            result = F.linear(x, weight, base.bias)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        for spec, is_dense in zip(specs, dense):
+            if is_dense and foldable:
                 continue
-            spec = self.spectrum(name)
-            if self.spectral_path == "dense":
-                delta = dense_forward(x, spec)
-            elif self.spectral_path == "activation":
-                delta = apply_delta(x, spec)
-            else:
-                delta = spectral_forward(x, spec)
+            delta = dense_forward(x, spec) if is_dense else apply_delta(x, spec)
             result = result + delta.to(result.dtype)
         return result
+
+    def _takes_dense_path(self, tokens: int, spec: Spectrum, device: torch.device, folded: bool) -> bool:
+        if self.spectral_path != "auto":
+            return self.spectral_path == "dense"
+        return prefers_dense(tokens, spec, device, folded)
+
+    def _can_fold(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether ``W + dW`` can stand in for the base layer: a plain float32/64 ``nn.Linear`` or ``Conv1D`` called
+        with the input alone. In half precision a small ``dW`` would be rounded away in the sum, so it is not."""
+        base = self.get_base_layer()
+        return (
+            type(base) in SUPPORTED_BASE_LAYERS and not args and not kwargs
+            and not base._forward_hooks and not base._forward_pre_hooks
+            and base.weight.dtype in (torch.float32, torch.float64) and x.dtype == base.weight.dtype
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     # merging

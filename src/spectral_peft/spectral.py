@@ -331,21 +331,26 @@ def delta_weight(spec: Spectrum) -> torch.Tensor:
     return dw
 
 
-def prefers_dense(tokens: int, spec: Spectrum, device: torch.device = torch.device("cpu")) -> bool:
+def prefers_dense(tokens: int, spec: Spectrum, device: torch.device = torch.device("cpu"), folded: bool = False) -> bool:
     """Whether building dW and multiplying densely beats the transforms on ``tokens`` rows of activations.
 
     On a GPU the dense path always wins: its matmuls cost little there, while the activation path is many small
-    kernels. On CPU a cost model of one training step (forward and backward), in nanoseconds, fitted on a 2-core
-    x86 CPU: the activation path costs per token and feature plus per token and coefficient; the dense path costs
-    three T x M x N matmuls plus the 2-D transforms that build dW and its spectral gradient. Small layers with many
-    tokens go dense (MiniLM's 384 x 384 at 4096 tokens: 19 ms against 44 ms measured); large layers go through the
-    activations (2048 x 2048 at 1024 tokens: 70 ms against 420 ms).
+    kernels. On CPU a cost model in nanoseconds, fitted on a 2-core x86 CPU: the activation path costs per token and
+    feature plus per token and coefficient; the dense path costs T x M x N matmuls plus the 2-D transforms that
+    build dW (and, in training, its spectral gradient). Training takes three matmuls (forward, input gradient,
+    weight gradient), or one when dW is ``folded`` into the frozen weight (the layer's own matmuls then carry it);
+    inference one, or none folded. Small layers with many tokens go dense (MiniLM's 384 x 384 at 4096 tokens: 19 ms
+    against 23 ms per training step unfolded); large layers go through the activations (2048 x 2048 at 1024 tokens:
+    40 ms against 320 ms).
     """
     if device.type == "cuda":
         return True
     m, n = spec.out_features, spec.in_features
-    activation = 41.0 * tokens * (m + n) + 27.0 * tokens * spec.coefficients.numel()
-    dense = 0.031 * 3 * tokens * m * n + 9.4 * m * n * (math.log2(max(m, 2)) + math.log2(max(n, 2)))
+    training = torch.is_grad_enabled()
+    matmuls = (1 if folded else 3) if training else (0 if folded else 1)
+    passes = 1.0 if training else 0.5  # inference runs the forward half of either path
+    activation = passes * (41.0 * tokens * (m + n) + 27.0 * tokens * spec.coefficients.numel())
+    dense = 0.031 * matmuls * tokens * m * n + passes * 9.4 * m * n * (math.log2(max(m, 2)) + math.log2(max(n, 2)))
     return dense < activation
 
 

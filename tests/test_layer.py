@@ -1,0 +1,82 @@
+"""``SpectralLinear.forward``: the dense updates folded into the frozen weight give what the separate paths give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from spectral_peft import FastFourierFTConfig, LocaConfig
+from spectral_peft.layer import SpectralLinear
+
+from .conftest import build_bert, build_gpt2, make_input_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIGS = {
+    "loca": lambda: LocaConfig(target_modules=["query", "value", "c_attn"], n_frequency=40),
+    "fastfourierft": lambda: FastFourierFTConfig(target_modules=["query", "value", "c_attn"], n_frequency=40,
+                                                 init_weights=False),
+}
+
+
+def adapted(build, method: str, dtype=torch.float32):
+    torch.manual_seed(1)
+    model = get_peft_model(build(0).to(dtype), CONFIGS[method]())
+    for name, p in model.named_parameters():
+        if "coefficients" in name:
+            with torch.no_grad():
+                p.normal_(0, 5.0)  # an update large enough to see
+    return model
+
+
+def layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, SpectralLinear)]
+
+
+def run(model, path: str, ids):
+    for layer in layers(model):
+        layer.spectral_path = path
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids).logits
+    out.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "coefficients" in n}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("build", [build_bert, build_gpt2], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_folded_dense_path_matches_the_activation_path(build, method):
+    # float64, so that the two orders of summation agree to rounding far below any real difference
+    model = adapted(build, method, torch.float64)
+    ids = make_input_ids(batch=8, seq_len=32)  # 256 tokens on 32-wide layers: the cost model folds
+    for layer in layers(model):
+        assert layer._can_fold(torch.zeros(1, layer.in_features, dtype=torch.float64), (), {})
+        assert layer._takes_dense_path(ids.numel(), layer.spectrum("default"), torch.device("cpu"), folded=True)
+    folded, folded_grads = run(model, "auto", ids)
+    separate, separate_grads = run(model, "activation", ids)
+    torch.testing.assert_close(folded, separate, atol=1e-9 * float(separate.abs().max()), rtol=0)
+    for name, grad in separate_grads.items():
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(folded_grads[name], grad, atol=1e-9 * float(grad.abs().max()), rtol=0)
+    with model.disable_adapter():
+        base = model(input_ids=ids).logits.detach()
+    assert (folded - base).abs().max() > 1e-3  # the update is really in the folded product
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_never_folded(dtype):
+    # W + dW in half precision would round a small dW away
+    model = adapted(build_bert, "loca").to(dtype)
+    layer = layers(model)[0]
+    assert not layer._can_fold(torch.zeros(1, layer.in_features, dtype=dtype), (), {})
+
+
+def test_a_base_layer_with_a_hook_is_not_folded():
+    model = adapted(build_bert, "loca")
+    layer = layers(model)[0]
+    handle = layer.get_base_layer().register_forward_hook(lambda module, inputs, output: output * 2)
+    try:
+        assert not layer._can_fold(torch.zeros(1, layer.in_features), (), {})
+    finally:
+        handle.remove()
