@@ -4,13 +4,14 @@
 orthonormal DCT-II (``transform="dct"``) or the inverse DFT with the real part taken (``"dft"``, FourierFT's
 convention: ``dW = scaling * Re(ifft2(S))``); ``P_row``/``P_col`` are optional orderings (S2FT).
 
-* The activation path (training) applies the update to activations: transform the input features, gather the
-  ``n`` columns, scale, scatter into ``n`` output frequencies, inverse-transform. No M x N tensor is formed.
-* The dense path builds ``dW`` (merging, and forward passes with very few tokens).
+* The activation path (wide layers on CPU) applies the update to activations: a real FFT of the input features,
+  one sparse product into the output's half spectrum, an inverse real FFT. No M x N tensor is formed.
+* The dense path builds ``dW`` (merging; small layers with many tokens, every layer on a GPU; the layer may add
+  it to its frozen weight so that its own product carries it).
 
 Both paths give coefficient gradients and LoCA's finite-difference location gradients from the spectral gradient
 ``K = dL/dS`` evaluated at each location and its four neighbours: the dense path indexes ``K``, the activation
-path gathers it from the transformed input and output gradient.
+path samples it from the transformed input and output gradient.
 """
 
 from __future__ import annotations
@@ -361,14 +362,6 @@ def dense_forward(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
     if x.dtype in (torch.float16, torch.bfloat16):
         return F.linear(x, dw.to(x.dtype))
     return F.linear(x.to(dw.dtype), dw).to(x.dtype)
-
-
-def spectral_forward(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
-    """The adapter's output ``x @ dW^T`` by the cheaper path."""
-    tokens = x.numel() // max(spec.in_features, 1)
-    if prefers_dense(tokens, spec, x.device):
-        return dense_forward(x, spec)
-    return apply_delta(x, spec)
 
 
 # --------------------------------------------------------------------------------------------------------------
