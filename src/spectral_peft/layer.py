@@ -11,10 +11,10 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.other import transpose
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

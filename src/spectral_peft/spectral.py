@@ -16,16 +16,16 @@ path samples it from the transformed input and output gradient.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 import functools
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .transforms import dct, idct
+from .transforms import dct_scale, idct, makhoul_orders
 
 TRANSFORMS = ("dct", "dft")
 
@@ -72,7 +72,8 @@ def _stencil_gradients(
         ]
     values = []
     if points:
-        values = list(spectral_grad_at(torch.cat([r for r, _ in points]), torch.cat([c for _, c in points])).split(rows.numel()))
+        all_rows, all_cols = torch.cat([r for r, _ in points]), torch.cat([c for _, c in points])
+        values = list(spectral_grad_at(all_rows, all_cols).split(rows.numel()))
     coef_grad = values.pop(0).to(spec.coefficients.dtype) if spec.train_coefficients else None
     loc_grad = None
     if train_locations:
@@ -113,12 +114,6 @@ class _ScatterSpectrum(torch.autograd.Function):
 # complex FFT, twiddle multiply or reorder copy is left in the loop.
 
 
-def _dct_scale(size: int) -> torch.Tensor:
-    scale = torch.full((size,), math.sqrt(2.0 / size), dtype=torch.float64)
-    scale[0] = math.sqrt(1.0 / size)
-    return scale
-
-
 @functools.lru_cache(maxsize=256)
 def _input_map(size: int, transform: str, dtype: torch.dtype, device: torch.device):
     """Input frequency c -> (its rfft bin j, the (channels, 2) map from (Re, Im) of bin j to the spectrum at c)."""
@@ -127,7 +122,7 @@ def _input_map(size: int, transform: str, dtype: torch.dtype, device: torch.devi
     bin_ = torch.where(mirrored, size - c, c).long()
     sign = 1.0 - 2.0 * mirrored.double()
     if transform == "dct":  # s_c Re(W_c V_c), W_c = exp(-i pi c / 2N)
-        scale, angle = _dct_scale(size), math.pi * c / (2 * size)
+        scale, angle = dct_scale(size), math.pi * c / (2 * size)
         linear = torch.stack([scale * torch.cos(angle), sign * scale * torch.sin(angle)], dim=-1)[:, None, :]
     else:  # ifft(x)_c = conj(rfft(x)_c) / N
         linear = torch.zeros(size, 2, 2, dtype=torch.float64)
@@ -145,7 +140,7 @@ def _output_map(size: int, transform: str, dtype: torch.dtype, device: torch.dev
         # U_k = conj(W_k) (c_k - i c_{M-k}) with c = z / s and c_M = 0: r feeds bin r and bin M - r
         bin2 = size - r
         second = (r >= 1) & (bin2 <= size // 2)
-        scale = _dct_scale(size)
+        scale = dct_scale(size)
         cos1, sin1 = torch.cos(math.pi * r / (2 * size)), torch.sin(math.pi * r / (2 * size))
         cos2, sin2 = torch.cos(math.pi * bin2 / (2 * size)), torch.sin(math.pi * bin2 / (2 * size))
         map1 = torch.stack([cos1, sin1], dim=-1)[..., None] / scale[:, None, None]
@@ -162,17 +157,12 @@ def _output_map(size: int, transform: str, dtype: torch.dtype, device: torch.dev
     return tuple(t.to(device) for t in (bin1, bin2)) + tuple(t.to(device=device, dtype=dtype) for t in (map1, map2))
 
 
-@functools.lru_cache(maxsize=256)
-def _feature_orders(size: int, transform: str, device: torch.device):
-    """The reorder before the rfft (Makhoul's for the DCT: even samples, then odd ones reversed) and its inverse,
-    which follows the irfft, as gather indices."""
-    if transform != "dct":
-        identity = torch.arange(size, device=device)
-        return identity, identity
-    before = torch.cat([torch.arange(0, size, 2), torch.arange(1, size, 2).flip(0)])
-    after = torch.empty(size, dtype=torch.long)
-    after[before] = torch.arange(size)
-    return before.to(device), after.to(device)
+def _feature_orders(size: int, transform: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reorder before the rfft (Makhoul's for the DCT) and its inverse, which follows the irfft."""
+    if transform == "dct":
+        return makhoul_orders(size, device)
+    identity = torch.arange(size, device=device)
+    return identity, identity
 
 
 @functools.lru_cache(maxsize=256)

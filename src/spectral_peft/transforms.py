@@ -18,20 +18,32 @@ __all__ = ["dct", "idct"]
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
-@functools.lru_cache(maxsize=64)
-def _tables(n: int, dtype: torch.dtype, device: torch.device):
-    """Cached per length: exp(-i pi k / 2n) for the n // 2 + 1 bins of an rfft, the orthonormal scale of each output
-    index, Makhoul's reorder (even samples, then odd ones reversed) and its inverse."""
-    k = torch.arange(n // 2 + 1, dtype=torch.float64)
-    twiddle = torch.exp(-1j * math.pi * k / (2 * n))
+def dct_scale(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II's scale of each output index (float64)."""
     scale = torch.full((n,), math.sqrt(2.0 / n), dtype=torch.float64)
     scale[0] = math.sqrt(1.0 / n)
+    return scale
+
+
+@functools.lru_cache(maxsize=64)
+def makhoul_orders(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Makhoul's reorder of n samples (even ones, then odd ones reversed), whose real FFT gives the DCT-II, and its
+    inverse, as gather indices."""
     reorder = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)])
     restore = torch.empty_like(reorder)
     restore[reorder] = torch.arange(n)
+    return reorder.to(device), restore.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(n: int, dtype: torch.dtype, device: torch.device):
+    """Cached per length: exp(-i pi k / 2n) for the n // 2 + 1 bins of an rfft, the orthonormal scale of each output
+    index, Makhoul's reorder and its inverse."""
+    k = torch.arange(n // 2 + 1, dtype=torch.float64)
+    twiddle = torch.exp(-1j * math.pi * k / (2 * n))
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    return (twiddle.to(device=device, dtype=complex_dtype), scale.to(device=device, dtype=dtype), reorder.to(device),
-            restore.to(device))
+    return (twiddle.to(device=device, dtype=complex_dtype), dct_scale(n).to(device=device, dtype=dtype),
+            *makhoul_orders(n, device))
 
 
 def _dct_last(x: torch.Tensor) -> torch.Tensor:
