@@ -80,3 +80,24 @@ def test_a_base_layer_with_a_hook_is_not_folded():
         assert not layer._can_fold(torch.zeros(1, layer.in_features), (), {})
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("build", [build_bert, build_gpt2], ids=["linear", "conv1d"])
+def test_activation_path_adds_into_the_layer_output_and_leaves_a_hooked_output_alone(build):
+    # the activation path adds into the plain layer's own product in place; with a hook on the base layer (which
+    # may keep its output) it must add out of place, and the hook must see the base output alone
+    model = adapted(build, "loca", torch.float64)
+    ids = make_input_ids(batch=2, seq_len=8)
+    plain, plain_grads = run(model, "activation", ids)
+    seen = []
+    handles = [layer.get_base_layer().register_forward_hook(lambda m, i, o: seen.append((o, o.detach().clone())))
+               for layer in layers(model)]
+    try:
+        hooked, hooked_grads = run(model, "activation", ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and all(torch.equal(output, copy) for output, copy in seen)
+    torch.testing.assert_close(hooked, plain, atol=1e-12, rtol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(hooked_grads[name], grad, atol=1e-12, rtol=0)

@@ -17,6 +17,7 @@ from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification
 
 import spectral_peft
+from spectral_peft import spectral
 from spectral_peft.loca import LocaLinear
 from spectral_peft.spectral import (
     Spectrum,
@@ -210,6 +211,99 @@ def test_coefficient_and_input_gradients_match_reference(dtype, shape, transform
     assert coef_ref.grad.abs().max() > 1e-3
     torch.testing.assert_close(spec.coefficients.grad, coef_ref.grad, atol=_atol(dtype), rtol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=_atol(dtype), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layers that read one input share its transform
+
+
+@pytest.mark.parametrize("transform", ["dct", "dft"])
+def test_layers_reading_one_input_share_its_spectrum_and_match_reference(transform, monkeypatch):
+    # query, key and value of one input: different shapes and cells, one input transform in the forward pass
+    specs = [make_spec(m, 10, n_coef=9, transform=transform, dtype=torch.float64, seed=seed)
+             for seed, m in enumerate((10, 7, 13))]
+    x = torch.randn(4, 5, 10, dtype=torch.float64, requires_grad=True)
+    calls = []
+    real = spectral._half_spectrum
+    monkeypatch.setattr(spectral, "_half_spectrum", lambda t, gather: calls.append(t.shape[-1]) or real(t, gather))
+    ys = [apply_delta(x, spec) for spec in specs]
+    assert calls == [10]  # the input, once; no output is transformed in forward
+    loss = sum(((y - 0.3) ** 2).sum() for y in ys)
+    loss.backward()
+    assert sorted(calls[1:]) == [7, 10, 13]  # backward: each output gradient, the input never again
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    coefficients = [spec.coefficients.detach().clone().requires_grad_(True) for spec in specs]
+    ys_ref = [x_ref @ ref_of(spec, c).T for spec, c in zip(specs, coefficients)]
+    sum(((y - 0.3) ** 2).sum() for y in ys_ref).backward()
+    for y, y_ref in zip(ys, ys_ref):
+        torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
+    for spec, c in zip(specs, coefficients):
+        torch.testing.assert_close(spec.coefficients.grad, c.grad, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_shared_spectrum_follows_in_place_changes_and_is_dropped_with_its_input():
+    spec = make_spec(6, 9, transform="dct", dtype=torch.float64)
+    x = torch.randn(3, 9, dtype=torch.float64)
+    with torch.no_grad():
+        apply_delta(x, spec)
+        x.mul_(-2.0)  # same memory, new version
+        torch.testing.assert_close(apply_delta(x, spec), x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+    assert spectral._SHARED_INPUT.entry is not None
+    del x
+    assert spectral._SHARED_INPUT.entry is None  # nothing of a freed input is kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_inputs_never_share_a_spectrum(dtype):
+    # a half-precision input is cast to float32 on each call: the copy's memory is freed and may be handed to the
+    # next cast, so it must not key the shared entry (with both inputs alive, a stale hit would look the same)
+    spec = make_spec(6, 9, transform="dct")
+    xs = [torch.randn(3, 9).to(dtype) for _ in range(3)]
+    with torch.no_grad():
+        ys = [apply_delta(x, spec) for x in xs]
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(y.float(), x.float() @ ref_of(spec).T.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_s2ft_column_orders_are_never_shared():
+    specs = [make_spec(6, 9, transform="dct", dtype=torch.float64, seed=seed, orders=True) for seed in range(3)]
+    specs.insert(1, make_spec(6, 9, transform="dct", dtype=torch.float64, seed=7))  # a plain layer in between
+    x = torch.randn(3, 9, dtype=torch.float64)
+    with torch.no_grad():
+        for spec in specs:
+            torch.testing.assert_close(apply_delta(x, spec), x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("transform", ["dct", "dft"])
+@pytest.mark.parametrize("orders", [False, True])
+def test_apply_delta_into_an_output_adds_in_place_with_both_gradients(transform, orders):
+    spec = make_spec(7, 9, n_coef=8, transform=transform, dtype=torch.float64, orders=orders)
+    x = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
+    out = F.linear(x.reshape(-1, 9), w)
+    address = out.data_ptr()
+    y = apply_delta(x, spec, out=out)
+    assert y is out and y.data_ptr() == address
+    (y.sin().sum()).backward()
+
+    x_ref, w_ref = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    coefficients = spec.coefficients.detach().clone().requires_grad_(True)
+    y_ref = F.linear(x_ref.reshape(-1, 9), w_ref) + x_ref.reshape(-1, 9) @ ref_of(spec, coefficients).T
+    y_ref.sin().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
+    for got, want in ((x.grad, x_ref.grad), (w.grad, w_ref.grad), (spec.coefficients.grad, coefficients.grad)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+def test_apply_delta_refuses_an_output_it_cannot_add_into():
+    spec = make_spec(7, 9)
+    x = torch.randn(2, 3, 9)
+    with pytest.raises(ValueError, match="apply_delta: out must be"):
+        apply_delta(x, spec, out=torch.zeros(2, 3, 7))  # not (tokens, M)
+    with pytest.raises(ValueError, match="apply_delta: out must be"):
+        apply_delta(x, spec, out=torch.zeros(12, 7)[::2])  # a view
 
 
 def test_gradcheck_apply_delta_and_delta_weight_float64():

@@ -263,38 +263,52 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         coefficients = self._container("coefficients")
         specs = [self.spectrum(name) for name in self.active_adapters if name in coefficients]
+        plain = self._plain_call(args, kwargs)
         foldable = self._can_fold(x, args, kwargs)
         tokens = x.numel() // max(self.in_features, 1)
         dense = [self._takes_dense_path(tokens, spec, x.device, foldable) for spec in specs]
-        if foldable and any(dense):
-            # the dense updates join the frozen weight in the layer's own product: of the three matmuls an
-            # adapter's dense path costs in training (forward, input gradient, weight gradient) two are saved
-            base = self.get_base_layer()
-            weight = transpose(base.weight, self.fan_in_fan_out)
+        if not plain:
+            result = self.base_layer(x, *args, **kwargs)
+            for spec, is_dense in zip(specs, dense):
+                delta = dense_forward(x, spec) if is_dense else apply_delta(x, spec)
+                result = result + delta.to(result.dtype)
+            return result
+        # A plain layer's product is computed here, on the tokens as rows: the result is then a fresh tensor that the
+        # activation path adds into in place, and for a float32/64 model the dense updates join the frozen weight,
+        # which saves two of the three matmuls a separate dense product costs in training.
+        base = self.get_base_layer()
+        weight = transpose(base.weight, self.fan_in_fan_out)
+        if foldable:
             for spec in (spec for spec, is_dense in zip(specs, dense) if is_dense):
                 weight = weight + delta_weight(spec).to(weight.dtype)
-            result = F.linear(x, weight, base.bias)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
+        result = F.linear(x.reshape(-1, self.in_features), weight, base.bias)
         for spec, is_dense in zip(specs, dense):
-            if is_dense and foldable:
-                continue
-            delta = dense_forward(x, spec) if is_dense else apply_delta(x, spec)
-            result = result + delta.to(result.dtype)
-        return result
+            if not is_dense:
+                result = apply_delta(x, spec, out=result)
+            elif not foldable:
+                result = result + dense_forward(x, spec).reshape(result.shape).to(result.dtype)
+        return result.reshape(*x.shape[:-1], self.out_features)
 
     def _takes_dense_path(self, tokens: int, spec: Spectrum, device: torch.device, folded: bool) -> bool:
         if self.spectral_path != "auto":
             return self.spectral_path == "dense"
         return prefers_dense(tokens, spec, device, folded)
 
-    def _can_fold(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-        """Whether ``W + dW`` can stand in for the base layer: a plain float32/64 ``nn.Linear`` or ``Conv1D`` called
-        with the input alone. In half precision a small ``dW`` would be rounded away in the sum, so it is not."""
+    def _plain_call(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the base layer is a plain ``nn.Linear`` or ``Conv1D`` without hooks, called with the input alone:
+        its output is then a fresh tensor that nothing else has seen."""
         base = self.get_base_layer()
         return (
             type(base) in SUPPORTED_BASE_LAYERS and not args and not kwargs
             and not base._forward_hooks and not base._forward_pre_hooks
+        )
+
+    def _can_fold(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether ``W + dW`` can stand in for the base layer: a plain float32/64 layer (:meth:`_plain_call`). In
+        half precision a small ``dW`` would be rounded away in the sum, so it is not."""
+        base = self.get_base_layer()
+        return (
+            self._plain_call(args, kwargs)
             and base.weight.dtype in (torch.float32, torch.float64) and x.dtype == base.weight.dtype
         )
 

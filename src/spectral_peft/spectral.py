@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .transforms import dct_scale, idct, makhoul_orders
+from .transforms import dct_scale, idct, makhoul_reorder, makhoul_restore, makhoul_restore_add
 
 TRANSFORMS = ("dct", "dft")
 
@@ -51,6 +52,22 @@ class Spectrum:
 # Gradients from the spectral gradient K = dL/dS
 
 
+def _stencil_points(spec: Spectrum) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Every point of ``K`` the gradients need, as (rows, cols), to evaluate in one call: the cells (when the
+    coefficients train), then their four neighbours (when the locations train); None when nothing trains."""
+    rows, cols = spec.cells[0], spec.cells[1]
+    points = [(rows, cols)] if spec.train_coefficients else []
+    if spec.locations is not None and spec.train_locations:
+        m, n = spec.out_features, spec.in_features
+        points += [
+            ((rows + 1).clamp(max=m - 1), cols), ((rows - 1).clamp(min=0), cols),
+            (rows, (cols + 1).clamp(max=n - 1)), (rows, (cols - 1).clamp(min=0)),
+        ]
+    if not points:
+        return None
+    return torch.cat([r for r, _ in points]), torch.cat([c for _, c in points])
+
+
 def _stencil_gradients(
     spectral_grad_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spec: Spectrum
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -60,20 +77,10 @@ def _stencil_gradients(
     ``dL/dr_i = a_i (K[r_i+1, c_i] - K[r_i-1, c_i]) / 2`` and likewise along columns; neighbour indices are clamped
     at the borders.
     """
-    rows, cols = spec.cells[0], spec.cells[1]
+    rows = spec.cells[0]
     train_locations = spec.locations is not None and spec.train_locations
-    # every point the gradients need, evaluated in one call: the cells, then their four neighbours
-    points = [(rows, cols)] if spec.train_coefficients else []
-    if train_locations:
-        m, n = spec.out_features, spec.in_features
-        points += [
-            ((rows + 1).clamp(max=m - 1), cols), ((rows - 1).clamp(min=0), cols),
-            (rows, (cols + 1).clamp(max=n - 1)), (rows, (cols - 1).clamp(min=0)),
-        ]
-    values = []
-    if points:
-        all_rows, all_cols = torch.cat([r for r, _ in points]), torch.cat([c for _, c in points])
-        values = list(spectral_grad_at(all_rows, all_cols).split(rows.numel()))
+    points = _stencil_points(spec)
+    values = [] if points is None else list(spectral_grad_at(*points).split(rows.numel()))
     coef_grad = values.pop(0).to(spec.coefficients.dtype) if spec.train_coefficients else None
     loc_grad = None
     if train_locations:
@@ -157,14 +164,6 @@ def _output_map(size: int, transform: str, dtype: torch.dtype, device: torch.dev
     return tuple(t.to(device) for t in (bin1, bin2)) + tuple(t.to(device=device, dtype=dtype) for t in (map1, map2))
 
 
-def _feature_orders(size: int, transform: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reorder before the rfft (Makhoul's for the DCT) and its inverse, which follows the irfft."""
-    if transform == "dct":
-        return makhoul_orders(size, device)
-    identity = torch.arange(size, device=device)
-    return identity, identity
-
-
 @functools.lru_cache(maxsize=256)
 def _half_spectrum_weights(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per real entry of a half spectrum: the adjoint weights of irfft (c_k / M, zero for the imaginary parts it
@@ -210,79 +209,189 @@ def _sparse(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], tr
         return coo.coalesce().to_sparse_csr()
 
 
+def _sampled_dots(left: torch.Tensor, right: torch.Tensor, pattern: torch.Tensor, width: int,
+                  right_columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``<left[:, p], right[:, q]>`` for each sorted, distinct flat position ``p * width + q`` of ``pattern``.
+
+    ``right`` may hold only some columns, ``right_columns`` (sorted), of the full ``width``. Only the columns the
+    pattern touches are gathered (a few hundred of a wide layer's thousands), so the transposes the sampled
+    product makes of its operands stay small.
+    """
+    rows, cols = pattern // width, pattern % width
+    used_rows, row_index = torch.unique(rows, return_inverse=True)
+    used_cols, col_index = torch.unique(cols, return_inverse=True)
+    if right_columns is not None:
+        used_cols = torch.searchsorted(right_columns, used_cols)
+    # the compact positions keep the pattern's order, so the values come out in it
+    compact = _sparse(row_index * used_cols.numel() + col_index, torch.ones_like(pattern, dtype=left.dtype),
+                      (used_rows.numel(), used_cols.numel()))
+    return torch.sparse.sampled_addmm(
+        compact, left.index_select(1, used_rows).t(), right.index_select(1, used_cols), beta=0.0
+    ).values()
+
+
 class _SpectralActivationProduct(torch.autograd.Function):
-    """``x @ dW^T`` for x of shape (T, N), in the compute dtype; see the section comment."""
+    """``x @ dW^T`` for x of shape (T, N), in the compute dtype; see the section comment.
+
+    Activations stay (T, features) row-major throughout: the sparse matrix multiplies from the right, since
+    transposing a (T, 2 Nh) half spectrum costs more than the FFTs around it.
+    """
 
     @staticmethod
-    def forward(ctx, x, coefficients, locations, spec: Spectrum, gathers: "_Gathers"):
+    def forward(ctx, x, coefficients, locations, spec: Spectrum, gathers: "_Gathers", anchor: "_Anchor", out):
         m, n = spec.out_features, spec.in_features
         shape = (2 * (m // 2 + 1), 2 * (n // 2 + 1))
         flat, factor, pair = _entries(spec, spec.cells[0], spec.cells[1], x.dtype)
         values = factor * coefficients.detach().to(x.dtype)[pair] * spec.scaling
-        half_in = _half_spectrum(x, gathers.col_gather)  # (T, 2 Nh)
-        half_out_t = torch.sparse.mm(_sparse(flat, values, shape), half_in.t().contiguous())  # (2 Mh, T)
-        ctx.save_for_backward(x)
+        half_in = _input_half_spectrum(x, spec, gathers, anchor)  # (T, 2 Nh)
+        half_out = half_in @ _sparse(flat, values, shape, transpose=True)  # (T, 2 Mh)
+        # Backward needs the input only through its half spectrum, at the columns its gradient points touch. Where
+        # other layers share that spectrum it is kept whole (its memory is the input's); S2FT's per-layer column
+        # orders make it the layer's own, so only those columns are kept (its cells crowd the low frequencies).
+        ctx.columns = None
+        if spec.col_order is not None:
+            points = _stencil_points(spec)
+            needed = _entries(spec, *points, x.dtype)[0] % shape[1] if points is not None else flat[:0]
+            ctx.columns = torch.unique(needed)
+            half_in = half_in.index_select(1, ctx.columns)
+        ctx.save_for_backward(half_in)
         ctx.spec, ctx.gathers, ctx.entries, ctx.shape = spec, gathers, (flat, values), shape
-        return _features(half_out_t.t(), m, gathers.row_gather)
+        features = torch.fft.irfft(torch.view_as_complex(half_out.reshape(half_out.shape[0], -1, 2)), n=m, dim=-1)
+        if out is None:
+            return gathers.row_gather(features)
+        # added into the base layer's output where it lies: no (T, M) copy for the reorder nor for the sum
+        gathers.row_add(out, features.to(out.dtype))
+        ctx.mark_dirty(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x,) = ctx.saved_tensors
+        (half_in,) = ctx.saved_tensors
         spec, gathers, (flat, values), shape = ctx.spec, ctx.gathers, ctx.entries, ctx.shape
         m, n = spec.out_features, spec.in_features
-        irfft_adjoint, _ = _half_spectrum_weights(m, x.dtype, x.device)
-        # the gradient at the output half spectrum: the adjoint of irfft is a weighted rfft
-        grad_half_out = _half_spectrum(grad_y.to(x.dtype), gathers.row_scatter) * irfft_adjoint  # (T, 2 Mh)
-        grad_half_out_t = grad_half_out.t().contiguous()
+        # the adjoints of irfft and rfft are weighted rffts and irffts: the weights of the output (irfft_adjoint,
+        # indexed by Q's row) and of the input (rfft_adjoint, by Q's column) are folded into Q's entries, so the
+        # (T, 2 Mh) rfft of the output gradient is used as it comes
+        dtype, device = half_in.dtype, half_in.device
+        irfft_adjoint = _half_spectrum_weights(m, dtype, device)[0]
+        rfft_adjoint = _half_spectrum_weights(n, dtype, device)[1]
+        out_weight = irfft_adjoint[flat // shape[1]]
+        raw_grad_half_out = _half_spectrum(grad_y.reshape(-1, m).to(dtype), gathers.row_scatter)  # (T, 2 Mh)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            _, rfft_adjoint = _half_spectrum_weights(n, x.dtype, x.device)
-            grad_half_in_t = torch.sparse.mm(_sparse(flat, values, shape, transpose=True), grad_half_out_t)
-            grad_x = _features(grad_half_in_t.t() * rfft_adjoint, n, gathers.col_scatter)
+            adjoint = values * out_weight * rfft_adjoint[flat % shape[1]]
+            grad_x = _features(raw_grad_half_out @ _sparse(flat, adjoint, shape), n, gathers.col_scatter)
 
         def spectral_grad_at(r, c):
             # K[r, c] = dL/dS[r, c] = sum over Q's entries of that cell of factor * <grad_half_out[:, p], half_in[:, q]>
-            pair_flat, factor, pair = _entries(spec, r, c, x.dtype)
+            pair_flat, factor, pair = _entries(spec, r, c, dtype)
             pattern, position = torch.unique(pair_flat, return_inverse=True)
-            ones = torch.ones_like(pattern, dtype=x.dtype)
-            sampled = torch.sparse.sampled_addmm(
-                _sparse(pattern, ones, shape), grad_half_out_t, _half_spectrum(x, gathers.col_gather), beta=0.0
-            )
-            per_entry = factor * sampled.values()[position] * spec.scaling
-            return torch.zeros(r.numel(), dtype=x.dtype, device=x.device).index_add_(0, pair, per_entry)
+            sampled = _sampled_dots(raw_grad_half_out, half_in, pattern, shape[1], ctx.columns)
+            weight = irfft_adjoint[pair_flat // shape[1]]
+            per_entry = factor * weight * sampled[position] * spec.scaling
+            return torch.zeros(r.numel(), dtype=dtype, device=device).index_add_(0, pair, per_entry)
 
         coef_grad, loc_grad = _stencil_gradients(spectral_grad_at, spec)
-        return grad_x, coef_grad, loc_grad, None, None
+        # the base output it was added into passes its gradient through
+        return grad_x, coef_grad, loc_grad, None, None, None, grad_y if ctx.needs_input_grad[6] else None
+
+
+Reorder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _gather(order: torch.Tensor) -> Reorder:
+    return lambda x: x.index_select(-1, order)
 
 
 @dataclass
 class _Gathers:
-    """Feature reorders around the FFTs: each composes a method's ordering (S2FT) with the transform's own."""
+    """Feature reorders around the FFTs, along the last axis: each composes a method's ordering (S2FT) with the
+    transform's own (Makhoul's for the DCT, none for the DFT)."""
 
-    col_gather: torch.Tensor  # x -> the rfft's input
-    col_scatter: torch.Tensor
-    row_gather: torch.Tensor  # the irfft's output -> y
-    row_scatter: torch.Tensor
+    col_gather: Reorder  # x -> the rfft's input
+    col_scatter: Reorder  # its inverse
+    row_gather: Reorder  # the irfft's output -> y
+    row_scatter: Reorder  # its inverse
+    row_add: Callable[[torch.Tensor, torch.Tensor], None]  # (target, irfft's output): target += row_gather(output)
 
 
 def _gathers(spec: Spectrum, device: torch.device) -> _Gathers:
-    before, _ = _feature_orders(spec.in_features, spec.transform, device)
-    _, after = _feature_orders(spec.out_features, spec.transform, device)
-    col_gather = before if spec.col_order is None else spec.col_order.to(device)[before]
-    row_gather = after if spec.row_order is None else after[_inverse_order(spec.row_order.to(device))]
-    return _Gathers(col_gather, _inverse_order(col_gather), row_gather, _inverse_order(row_gather))
+    def reorders(order: Optional[torch.Tensor]) -> tuple[Reorder, Reorder, Callable]:
+        """(before the rfft, its inverse, adding the inverse into a target) for a method's ``order``."""
+        if order is None and spec.transform == "dct":
+            return makhoul_reorder, makhoul_restore, makhoul_restore_add
+        if order is None:
+            return _identity, _identity, torch.Tensor.add_
+        order = order.to(device)
+        if spec.transform == "dct":  # the ordering first, then Makhoul's
+            order = makhoul_reorder(order)
+        return _gather(order), _gather(_inverse_order(order)), lambda target, t: target.index_add_(-1, order, t)
+
+    col_gather, col_scatter, _ = reorders(spec.col_order)
+    # rows run the other way: the irfft's output goes back through the inverse (the output gradient forwards)
+    row_scatter, row_gather, row_add = reorders(spec.row_order)
+    return _Gathers(col_gather, col_scatter, row_gather, row_scatter, row_add)
 
 
-def _half_spectrum(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+def _half_spectrum(x: torch.Tensor, reorder: Reorder) -> torch.Tensor:
     """(T, N) features -> (T, 2 Nh) real and imaginary parts of the rfft of the reordered features."""
-    spectrum = torch.fft.rfft(x.index_select(-1, gather), dim=-1)
+    spectrum = torch.fft.rfft(reorder(x), dim=-1)
     return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
 
 
-def _features(half: torch.Tensor, size: int, gather: torch.Tensor) -> torch.Tensor:
+def _features(half: torch.Tensor, size: int, reorder: Reorder) -> torch.Tensor:
     """(T, 2 Mh) half spectrum -> (T, M) features: irfft, then reorder."""
-    spectrum = torch.view_as_complex(half.reshape(half.shape[0], -1, 2).contiguous())
-    return torch.fft.irfft(spectrum, n=size, dim=-1).index_select(-1, gather)
+    return reorder(torch.fft.irfft(torch.view_as_complex(half.reshape(half.shape[0], -1, 2)), n=size, dim=-1))
+
+
+@dataclass
+class _Anchor:
+    """The tensor a layer was called with (hidden from autograd): the shared half spectrum lives while it does."""
+
+    tensor: torch.Tensor
+
+
+class _SharedHalfSpectrum:
+    """The half spectrum of the last input transformed without a layer's own ordering.
+
+    Layers that read one input (query, key and value; gate and up) then transform it once. The entry is keyed by
+    the input's memory (only while that is the memory of the tensor the layer was called with, which is alive),
+    version counter, shape, strides and dtype, so it is never stale; it is dropped when that tensor is freed (in
+    training backward keeps the spectrum anyway).
+    """
+
+    def __init__(self):
+        self.entry = None  # (key, half spectrum, weak reference to the input); replaced as one, for threads
+
+    def get(self, x: torch.Tensor, spec: Spectrum, gather: Reorder, anchor: torch.Tensor):
+        if x.untyped_storage().data_ptr() != anchor.untyped_storage().data_ptr():
+            # x is a cast or copy of the input: its memory is freed and reused, so it cannot key the entry
+            return _half_spectrum(x, gather)
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype, x.device, spec.transform)
+        entry = self.entry
+        if entry is not None and entry[0] == key and entry[2]() is not None:
+            return entry[1]
+        half = _half_spectrum(x, gather)
+        self.entry = (key, half, weakref.ref(anchor, functools.partial(self._drop, key)))
+        return half
+
+    def _drop(self, key, _reference) -> None:
+        entry = self.entry
+        if entry is not None and entry[0] == key:
+            self.entry = None
+
+
+_SHARED_INPUT = _SharedHalfSpectrum()
+
+
+def _input_half_spectrum(x: torch.Tensor, spec: Spectrum, gathers: _Gathers, anchor: _Anchor) -> torch.Tensor:
+    if spec.col_order is not None:  # S2FT: every layer orders its input its own way
+        return _half_spectrum(x, gathers.col_gather)
+    return _SHARED_INPUT.get(x, spec, gathers.col_gather, anchor.tensor)
 
 
 def _inverse_order(order: torch.Tensor) -> torch.Tensor:
@@ -295,15 +404,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def apply_delta(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
-    """``x @ dW^T`` through the transforms (activation path); returns the input's dtype."""
+def apply_delta(x: torch.Tensor, spec: Spectrum, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ dW^T`` through the transforms (activation path), in the input's dtype.
+
+    With ``out`` (a fresh (tokens, M) tensor that nothing else holds or views, such as a layer's own product) the
+    update is added into it in place and ``out`` is returned.
+    """
     lead = x.shape[:-1]
+    if out is not None and (out.shape != (math.prod(lead), spec.out_features) or not out.is_contiguous()
+                            or out._base is not None):
+        raise ValueError(f"apply_delta: out must be a contiguous ({math.prod(lead)}, {spec.out_features}) tensor "
+                         "that is not a view")
     if x.numel() == 0:  # an empty batch (torch's FFTs refuse empty input)
-        return x.new_zeros(*lead, spec.out_features)
+        return x.new_zeros(*lead, spec.out_features) if out is None else out
     work = x.reshape(-1, spec.in_features).to(_compute_dtype(x.dtype))
     coefficients = spec.coefficients.to(work.dtype) if spec.coefficients.dtype != work.dtype else spec.coefficients
-    y = _SpectralActivationProduct.apply(work, coefficients, spec.locations, spec, _gathers(spec, x.device))
-    return y.reshape(*lead, spec.out_features).to(x.dtype)
+    y = _SpectralActivationProduct.apply(work, coefficients, spec.locations, spec, _gathers(spec, x.device),
+                                         _Anchor(x), out)
+    return out if out is not None else y.reshape(*lead, spec.out_features).to(x.dtype)
 
 
 def delta_weight(spec: Spectrum) -> torch.Tensor:

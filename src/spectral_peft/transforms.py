@@ -35,22 +35,46 @@ def makhoul_orders(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return reorder.to(device), restore.to(device)
 
 
+def makhoul_reorder(x: torch.Tensor) -> torch.Tensor:
+    """``x[..., reorder]`` for :func:`makhoul_orders`' reorder, by two strided copies (faster than a gather)."""
+    half = (x.shape[-1] + 1) // 2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out[..., :half] = x[..., 0::2]
+    out[..., half:] = x[..., 1::2].flip(-1)
+    return out
+
+
+def makhoul_restore(v: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`makhoul_reorder`."""
+    half = (v.shape[-1] + 1) // 2
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    out[..., 0::2] = v[..., :half]
+    out[..., 1::2] = v[..., half:].flip(-1)
+    return out
+
+
+def makhoul_restore_add(target: torch.Tensor, v: torch.Tensor) -> None:
+    """``target += makhoul_restore(v)`` in place, without the restored copy."""
+    half = (v.shape[-1] + 1) // 2
+    target[..., 0::2] += v[..., :half]
+    target[..., 1::2] += v[..., half:].flip(-1)
+
+
 @functools.lru_cache(maxsize=64)
 def _tables(n: int, dtype: torch.dtype, device: torch.device):
-    """Cached per length: exp(-i pi k / 2n) for the n // 2 + 1 bins of an rfft, the orthonormal scale of each output
-    index, Makhoul's reorder and its inverse."""
+    """Cached per length: exp(-i pi k / 2n) for the n // 2 + 1 bins of an rfft and the orthonormal scale of each
+    output index."""
     k = torch.arange(n // 2 + 1, dtype=torch.float64)
     twiddle = torch.exp(-1j * math.pi * k / (2 * n))
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    return (twiddle.to(device=device, dtype=complex_dtype), dct_scale(n).to(device=device, dtype=dtype),
-            *makhoul_orders(n, device))
+    return twiddle.to(device=device, dtype=complex_dtype), dct_scale(n).to(device=device, dtype=dtype)
 
 
 def _dct_last(x: torch.Tensor) -> torch.Tensor:
     # Makhoul with a real FFT: C_k = Re(W_k V_k) for the rfft's bins k <= n/2, and C_{n-k} = -Im(W_k V_k) above.
     n = x.shape[-1]
-    twiddle, scale, reorder, _ = _tables(n, x.dtype, x.device)
-    t = torch.fft.rfft(x.index_select(-1, reorder), dim=-1) * twiddle
+    twiddle, scale = _tables(n, x.dtype, x.device)
+    t = torch.fft.rfft(makhoul_reorder(x), dim=-1) * twiddle
     return torch.cat([t.real, -t.imag[..., 1:(n + 1) // 2].flip(-1)], dim=-1) * scale
 
 
@@ -58,12 +82,12 @@ def _idct_last(x: torch.Tensor) -> torch.Tensor:
     # The inverse: the rfft bins V_k = conj(W_k) (c_k - i c_{n-k}) (c = x / scale, c_n = 0), one inverse real FFT,
     # then the samples back from Makhoul's order.
     n = x.shape[-1]
-    twiddle, scale, _, restore = _tables(n, x.dtype, x.device)
+    twiddle, scale = _tables(n, x.dtype, x.device)
     c = x / scale
     bins = n // 2 + 1
     mirrored = torch.cat([torch.zeros_like(c[..., :1]), c[..., n - bins + 1:].flip(-1)], dim=-1)
     v = torch.fft.irfft(torch.complex(c[..., :bins], -mirrored) * twiddle.conj(), n=n, dim=-1)
-    return v.index_select(-1, restore)
+    return makhoul_restore(v)
 
 
 def _along(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
