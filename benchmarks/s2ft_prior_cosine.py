@@ -31,7 +31,6 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 
 from spectral_peft import S2FTConfig  # noqa: E402
 from spectral_peft.s2ft import S2FTLinear, gradient_prior, lora_prior  # noqa: E402
-from spectral_peft.s2ft.prepare import _input_directions  # noqa: E402
 from tests.s2ft.helpers import build_bert, cosine, flat, make_batches, reference_gradients  # noqa: E402
 
 TARGETS = ["query", "value"]
@@ -48,21 +47,45 @@ VARIANTS = {
     "inputs init, SGD 1e-2, train mode": ("inputs", "sgd", 1e-2, True),
     "inputs init, SGD 1e-1, eval mode": ("inputs", "sgd", 1e-1, False),
     "inputs init, SGD 1, eval mode": ("inputs", "sgd", 1.0, False),
+    # A's rows on the input directions scaled by their singular values s_i (s_i^2): Adam normalises B's steps entry
+    # by entry, so the relative weight of the directions can only come from A
+    "inputs x s init, Adam 1e-3, eval mode": ("inputs^1", "adam", 1e-3, False),
+    "inputs x s^2 init, Adam 1e-3, eval mode": ("inputs^2", "adam", 1e-3, False),
 }
+
+
+def scaled_input_directions(peft_model, batch, rank: int, power: int) -> dict[str, torch.Tensor]:
+    """The top ``rank`` right singular vectors of each LoRA layer's input on ``batch`` (as the implemented prior
+    takes them), each times (its singular value / their RMS) ** power."""
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
+               for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+    with torch.no_grad():
+        peft_model(**batch)
+    for handle in handles:
+        handle.remove()
+    rows = {}
+    for name, x in inputs.items():
+        x = x.reshape(-1, x.shape[-1]).float()
+        eig = torch.linalg.eigh(x.T @ x)
+        values = eig.eigenvalues.flip(-1)[:rank].clamp_min(0).sqrt()
+        rows[name] = eig.eigenvectors.flip(-1)[:, :rank].T * ((values / values.pow(2).mean().sqrt()) ** power)[:, None]
+    return rows
 
 
 def lora_variant(model, batches, steps, rank, init, optimizer, lr, train_mode):
     config = LoraConfig(
         r=rank, lora_alpha=rank, target_modules=TARGETS, modules_to_save=["classifier"],
-        init_lora_weights=True if init == "inputs" else init,
+        init_lora_weights=True if str(init).startswith("inputs") else init,
         eva_config=EvaConfig(rho=1.0, use_label_mask=False) if init == "eva" else None,
     )
     peft_model = get_peft_model(model, config, adapter_name="s2ft_prior")
     layers = {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
     if init == "eva":
         initialize_lora_eva_weights(peft_model, batches, adapter_name="s2ft_prior", show_progress_bar=False)
-    if init == "inputs":
-        for name, rows in _input_directions(peft_model, batches[0], rank).items():
+    if str(init).startswith("inputs"):
+        power = int(init.partition("^")[2] or 0)
+        for name, rows in scaled_input_directions(peft_model, batches[0], rank, power).items():
             with torch.no_grad():
                 layers[name].lora_A["s2ft_prior"].weight[: rows.shape[0]] = rows
 

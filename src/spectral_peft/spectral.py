@@ -117,7 +117,7 @@ class _ScatterSpectrum(torch.autograd.Function):
 # linear function of the real and imaginary parts of one rfft bin, and every output frequency r feeds one or two bins
 # of the half spectrum that one irfft turns into output features (the inverse DCT the same way, backwards). The
 # sparse spectrum in between is then a single sparse real (2 Mh) x (2 Nh) matrix Q (Mh = M // 2 + 1, Nh likewise)
-# with at most 8 entries per coefficient, and a step is: gather, rfft, sparse product, irfft, gather. No full-size
+# with at most 8 entries per coefficient, and a step is: reorder, rfft, sparse product, irfft, reorder. No full-size
 # complex FFT, twiddle multiply or reorder copy is left in the loop.
 
 
@@ -246,8 +246,8 @@ class _SpectralActivationProduct(torch.autograd.Function):
         half_in = _input_half_spectrum(x, spec, gathers, anchor)  # (T, 2 Nh)
         half_out = half_in @ _sparse(flat, values, shape, transpose=True)  # (T, 2 Mh)
         # Backward needs the input only through its half spectrum, at the columns its gradient points touch. Where
-        # other layers share that spectrum it is kept whole (its memory is the input's); S2FT's per-layer column
-        # orders make it the layer's own, so only those columns are kept (its cells crowd the low frequencies).
+        # other layers share that spectrum it is kept whole (one input-sized tensor for them all); S2FT's per-layer
+        # column orders make it the layer's own, so only those columns are kept (its cells crowd low frequencies).
         ctx.columns = None
         if spec.col_order is not None:
             points = _stencil_points(spec)
@@ -256,7 +256,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
             half_in = half_in.index_select(1, ctx.columns)
         ctx.save_for_backward(half_in)
         ctx.spec, ctx.gathers, ctx.entries, ctx.shape = spec, gathers, (flat, values), shape
-        features = torch.fft.irfft(torch.view_as_complex(half_out.reshape(half_out.shape[0], -1, 2)), n=m, dim=-1)
+        features = _irfft_half(half_out, m)
         if out is None:
             return gathers.row_gather(features)
         # added into the base layer's output where it lies: no (T, M) copy for the reorder nor for the sum
@@ -343,9 +343,14 @@ def _half_spectrum(x: torch.Tensor, reorder: Reorder) -> torch.Tensor:
     return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
 
 
+def _irfft_half(half: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, 2 Mh) real and imaginary parts of a half spectrum -> (T, M) by the inverse real FFT."""
+    return torch.fft.irfft(torch.view_as_complex(half.reshape(half.shape[0], -1, 2)), n=size, dim=-1)
+
+
 def _features(half: torch.Tensor, size: int, reorder: Reorder) -> torch.Tensor:
     """(T, 2 Mh) half spectrum -> (T, M) features: irfft, then reorder."""
-    return reorder(torch.fft.irfft(torch.view_as_complex(half.reshape(half.shape[0], -1, 2)), n=size, dim=-1))
+    return reorder(_irfft_half(half, size))
 
 
 @dataclass
