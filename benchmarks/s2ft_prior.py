@@ -1,4 +1,4 @@
-"""Which S2FT prior orders a real weight change better: `gradient`, `lora` (Adam) or `lora` with SGD? (offline MiniLM + BBC News)
+"""Which S2FT prior orders a real weight change better: `gradient`, `lora` (SGD, the default) or `lora` with Adam? (offline MiniLM + BBC News)
 
 A reference weight change comes from fully fine-tuning the model for --reference-steps steps. Each prior is
 estimated as prepare_s2ft does, its row/column orderings computed, and the top-1% DCT energy of the reference
@@ -75,8 +75,8 @@ def main() -> None:
     priors["lora"] = lora_prior(copy.deepcopy(base), config, stream)
     prior_time["lora"] = time.perf_counter() - start
     start = time.perf_counter()
-    priors["lora_sgd"] = lora_prior(copy.deepcopy(base), dataclasses.replace(config, prior_optimizer="sgd"), stream)
-    prior_time["lora_sgd"] = time.perf_counter() - start
+    priors["lora_adam"] = lora_prior(copy.deepcopy(base), dataclasses.replace(config, prior_optimizer="adam"), stream)
+    prior_time["lora_adam"] = time.perf_counter() - start
 
     rows = []
     for name in targets:

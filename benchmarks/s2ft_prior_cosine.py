@@ -3,8 +3,8 @@
 For each seed (model and data), the reference is the first step of real gradient descent, computed by plain
 autograd on an untouched model in eval mode, in two readings: on the first batch only (-g1) and on all the
 prior's batches together (-sum g, the full-batch step on the data the prior sees). Printed: the cosine of each
-prior with both, for the implemented priors (`gradient_prior`, `lora_prior` with Adam and with SGD: A on the
-first batch's input directions, eval mode) and for LoRA warm-up variants that were measured against them
+prior with both, for the implemented priors (`gradient_prior`, `lora_prior` with SGD, the default, and with Adam:
+A on the first batch's input directions, eval mode) and for LoRA warm-up variants that were measured against them
 (stock PEFT LoRA throughout; they differ in the init of A, the optimizer and train/eval mode). Every LoRA prior
 is `scaling * B @ A` minus its value at init (zero for B = 0).
 
@@ -124,11 +124,11 @@ def main() -> None:
     def variant(spec):
         return lambda model, batches: lora_variant(model, batches, args.steps, args.rank, *spec)
 
-    sgd = dataclasses.replace(config, prior_optimizer="sgd")
+    adam = dataclasses.replace(config, prior_optimizer="adam")
     priors = {
         "gradient (implemented)": implemented_gradient,
-        "lora, Adam (implemented, default)": lambda model, batches: lora_prior(model, config, batches),
-        "lora, SGD (implemented, prior_optimizer='sgd')": lambda model, batches: lora_prior(model, sgd, batches),
+        "lora, SGD 0.1 (implemented, default)": lambda model, batches: lora_prior(model, config, batches),
+        "lora, Adam 1e-3 (implemented, prior_optimizer='adam')": lambda model, batches: lora_prior(model, adam, batches),
     }
     priors.update({name: variant(spec) for name, spec in VARIANTS.items()})
 

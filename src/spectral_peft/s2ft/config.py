@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..config import SpectralConfig
 from ..spectral import TRANSFORMS
 
 PRIORS = ("gradient", "lora")
-PRIOR_OPTIMIZERS = ("adam", "sgd")
+PRIOR_OPTIMIZERS = ("sgd", "adam")
+PRIOR_LRS = {"sgd": 0.1, "adam": 1e-3}  # each optimizer's default warm-up learning rate (docs/s2ft.md)
 
 
 @dataclass
@@ -25,20 +27,24 @@ class S2FTConfig(SpectralConfig):
     prior: str = field(
         default="lora",
         metadata={
-            "help": "'lora' (default: it ordered real MiniLM weight changes better, docs/s2ft.md): a short LoRA "
+            "help": "'lora' (default: it ordered a real MiniLM weight change better, docs/s2ft.md): a short LoRA "
             "warm-up; 'gradient': minus the summed gradient over prior_batches batches (cheaper)."
         },
     )
     prior_batches: int = field(default=8, metadata={"help": "Batches summed by the gradient prior."})
     prior_steps: int = field(default=50, metadata={"help": "Optimizer steps of the LoRA warm-up prior."})
     prior_rank: int = field(default=8, metadata={"help": "LoRA rank of the warm-up prior."})
-    prior_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the LoRA warm-up prior."})
     prior_optimizer: str = field(
-        default="adam",
+        default="sgd",
         metadata={
-            "help": "Optimizer of the LoRA warm-up: 'adam' (default: it ordered real MiniLM weight changes better) or "
-            "'sgd' (plain steps: the prior follows the first gradient steps closely); docs/s2ft.md."
+            "help": "Optimizer of the LoRA warm-up: 'sgd' (default: plain steps, so the prior follows the gradient) "
+            "or 'adam' (its prior ordered a real MiniLM weight change better, but points away from the first "
+            "gradient step; docs/s2ft.md)."
         },
+    )
+    prior_lr: Optional[float] = field(
+        default=None,
+        metadata={"help": "Learning rate of the LoRA warm-up (default: 0.1 for 'sgd', 1e-3 for 'adam')."},
     )
     refine_passes: int = field(default=3, metadata={"help": "2-opt passes refining each greedy ordering (0: none)."})
 
@@ -55,5 +61,12 @@ class S2FTConfig(SpectralConfig):
             minimum = 0 if name == "refine_passes" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"S2FTConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        if not isinstance(self.prior_lr, (int, float)) or self.prior_lr <= 0:
-            raise ValueError(f"S2FTConfig.prior_lr must be a positive number, got {self.prior_lr!r}")
+        if self.prior_lr is not None and (
+            not isinstance(self.prior_lr, (int, float)) or isinstance(self.prior_lr, bool) or not self.prior_lr > 0
+        ):
+            raise ValueError(f"S2FTConfig.prior_lr must be a positive number or None, got {self.prior_lr!r}")
+
+    @property
+    def warm_up_lr(self) -> float:
+        """The LoRA warm-up's learning rate: ``prior_lr``, or its optimizer's default."""
+        return self.prior_lr if self.prior_lr is not None else PRIOR_LRS[self.prior_optimizer]

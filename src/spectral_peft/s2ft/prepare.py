@@ -161,7 +161,7 @@ def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[
             # Adam (its eps rounds to 0 in fp16): the warm-up trains the float32 LoRA factors only then
             trainable = [p for p in lora_model.parameters() if p.requires_grad and p.dtype in (torch.float32, torch.float64)]
             optimizer_class = torch.optim.Adam if config.prior_optimizer == "adam" else torch.optim.SGD
-            optimizer = optimizer_class(trainable, lr=config.prior_lr)
+            optimizer = optimizer_class(trainable, lr=config.warm_up_lr)
             warm_up = itertools.chain([first], itertools.islice(cached, config.prior_steps - 1))
             for batch in tqdm(warm_up, total=config.prior_steps, desc="S2FT LoRA prior", unit="step", leave=False):
                 _loss(lora_model, batch).backward()
