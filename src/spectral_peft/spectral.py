@@ -248,13 +248,15 @@ class _SpectralActivationProduct(torch.autograd.Function):
         # Backward needs the input only through its half spectrum, at the columns its gradient points touch. Where
         # other layers share that spectrum it is kept whole (one input-sized tensor for them all); S2FT's per-layer
         # column orders make it the layer's own, so only those columns are kept (its cells crowd low frequencies).
+        # (In inference nothing is kept: no backward will come.)
         ctx.columns = None
-        if spec.col_order is not None:
+        if anchor.grad_enabled and spec.col_order is not None:
             points = _stencil_points(spec)
             needed = _entries(spec, *points, x.dtype)[0] % shape[1] if points is not None else flat[:0]
             ctx.columns = torch.unique(needed)
             half_in = half_in.index_select(1, ctx.columns)
-        ctx.save_for_backward(half_in)
+        if anchor.grad_enabled:
+            ctx.save_for_backward(half_in)
         ctx.spec, ctx.gathers, ctx.entries, ctx.shape = spec, gathers, (flat, values), shape
         features = _irfft_half(half_out, m)
         if out is None:
@@ -355,9 +357,11 @@ def _features(half: torch.Tensor, size: int, reorder: Reorder) -> torch.Tensor:
 
 @dataclass
 class _Anchor:
-    """The tensor a layer was called with (hidden from autograd): the shared half spectrum lives while it does."""
+    """The tensor a layer was called with (hidden from autograd): the shared half spectrum lives while it does;
+    and whether gradients are on (autograd runs a Function's forward without them, and without saying so)."""
 
     tensor: torch.Tensor
+    grad_enabled: bool
 
 
 class _SharedHalfSpectrum:
@@ -425,7 +429,7 @@ def apply_delta(x: torch.Tensor, spec: Spectrum, out: Optional[torch.Tensor] = N
     work = x.reshape(-1, spec.in_features).to(_compute_dtype(x.dtype))
     coefficients = spec.coefficients.to(work.dtype) if spec.coefficients.dtype != work.dtype else spec.coefficients
     y = _SpectralActivationProduct.apply(work, coefficients, spec.locations, spec, _gathers(spec, x.device),
-                                         _Anchor(x), out)
+                                         _Anchor(x, torch.is_grad_enabled()), out)
     return out if out is not None else y.reshape(*lead, spec.out_features).to(x.dtype)
 
 
