@@ -233,3 +233,19 @@ def test_macro_f1_matches_the_definition():
     scipy_free = macro_f1([0, 1, 1, 2, 2, 2], [0, 1, 2, 2, 2, 1])
     # class 0: 1.0; class 1: tp1 fp1 fn1 -> 0.5; class 2: tp2 fp1 fn1 -> 2/3
     assert scipy_free == pytest.approx((1 + 0.5 + 2 / 3) / 3)
+
+
+def test_s2ft_prior_optimizer_reaches_the_warm_up_and_is_recorded(capsys, files, tmp_path, monkeypatch):
+    import spectral_peft.s2ft.prepare as prepare
+
+    seen = []
+    real = prepare.lora_prior
+    monkeypatch.setattr(prepare, "lora_prior", lambda model, config, batches: seen.append(config) or real(model, config, batches))
+    for optimizer in (None, "adam"):
+        output = tmp_path / f"s2ft-{optimizer}"
+        extra = ("--s2ft-prior-optimizer", optimizer) if optimizer else ()
+        code, _, err = finetune(capsys, files, output, "s2ft", *extra)
+        assert code == 0, err
+        run_info = json.loads((output / "run.json").read_text())
+        assert run_info["settings"]["s2ft_prior_optimizer"] == (optimizer or "sgd")
+    assert [(c.prior_optimizer, c.warm_up_lr) for c in seen] == [("sgd", 0.1), ("adam", 1e-3)]

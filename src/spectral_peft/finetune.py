@@ -57,7 +57,7 @@ HEAD_NAMES = ("classifier", "score")
 TRAINING_KEYS = (
     "method", "model", "task", "n_frequency", "rank", "scaling", "lr", "head_lr", "location_lr",
     "loca_coefficient_steps", "loca_location_steps", "location_learning_steps", "s2ft_prior", "prior_batches",
-    "s2ft_transform", "steps", "batch_size", "grad_accum", "max_length", "seed", "target_modules",
+    "s2ft_prior_optimizer", "s2ft_transform", "steps", "batch_size", "grad_accum", "max_length", "seed", "target_modules",
     "warmup_ratio", "weight_decay", "val_fraction", "test_fraction",
 )
 CHECKPOINT = "checkpoint"
@@ -114,6 +114,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, grid: bool = False) 
     method.add_argument("--s2ft-prior", choices=("gradient", "lora"), default=None,
                         help="S2FT: prior weight change (default S2FTConfig's: lora, a short LoRA warm-up; gradient "
                              "is cheaper)")
+    method.add_argument("--s2ft-prior-optimizer", choices=("sgd", "adam"), default=None,
+                        help="S2FT: optimizer of the LoRA warm-up prior (default S2FTConfig's: sgd, whose prior follows "
+                             "the gradient; adam ordered a real MiniLM change better, docs/s2ft.md)")
     method.add_argument("--prior-batches", type=int, default=8,
                         help="S2FT: training batches for the prior (default 8)")
     method.add_argument("--s2ft-transform", choices=("dct", "dft"), default="dct", help="S2FT: transform (default dct)")
@@ -320,12 +323,14 @@ def resolve_settings(args: argparse.Namespace, task: Task, n_train: int, info: O
         for key in ("location_lr", "loca_coefficient_steps", "loca_location_steps", "location_learning_steps"):
             settings[key] = None
     if method != "s2ft":
-        for key in ("s2ft_prior", "prior_batches", "s2ft_transform"):
+        for key in ("s2ft_prior", "prior_batches", "s2ft_prior_optimizer", "s2ft_transform"):
             settings[key] = None
-    elif settings["s2ft_prior"] is None:
+    else:
         from .s2ft.config import S2FTConfig
 
-        settings["s2ft_prior"] = S2FTConfig.__dataclass_fields__["prior"].default
+        for key, field in (("s2ft_prior", "prior"), ("s2ft_prior_optimizer", "prior_optimizer")):
+            if settings.get(key) is None:
+                settings[key] = S2FTConfig.__dataclass_fields__[field].default
     if task.kind != CLASSIFICATION:
         settings["head_lr"] = None
     return settings
@@ -400,7 +405,8 @@ def build_method(settings: dict, base, task: Task, prior_batches=None):
         if method == "s2ft":
             config = S2FTConfig(
                 n_frequency=n, scaling=scaling, prior=settings["s2ft_prior"], prior_batches=settings["prior_batches"],
-                transform=settings["s2ft_transform"], **common,
+                prior_optimizer=settings.get("s2ft_prior_optimizer") or "sgd", transform=settings["s2ft_transform"],
+                **common,
             )
             if prior_batches is None:
                 return get_peft_model(base, config)
