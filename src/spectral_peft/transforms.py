@@ -25,18 +25,9 @@ def dct_scale(n: int) -> torch.Tensor:
     return scale
 
 
-@functools.lru_cache(maxsize=64)
-def makhoul_orders(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Makhoul's reorder of n samples (even ones, then odd ones reversed), whose real FFT gives the DCT-II, and its
-    inverse, as gather indices."""
-    reorder = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)])
-    restore = torch.empty_like(reorder)
-    restore[reorder] = torch.arange(n)
-    return reorder.to(device), restore.to(device)
-
-
 def makhoul_reorder(x: torch.Tensor) -> torch.Tensor:
-    """``x[..., reorder]`` for :func:`makhoul_orders`' reorder, by two strided copies (faster than a gather)."""
+    """Makhoul's reorder of the last axis, whose real FFT gives the DCT-II: the even samples, then the odd ones
+    reversed; by two strided copies (faster than a gather)."""
     half = (x.shape[-1] + 1) // 2
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out[..., :half] = x[..., 0::2]
