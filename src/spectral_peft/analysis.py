@@ -7,12 +7,12 @@ from typing import Optional
 import torch
 
 from .spectral import check_permutation
-from .transforms import dct
+from .transforms import COMPUTE_DTYPES, dct
 
 
 def transform_2d(matrix: torch.Tensor, transform: str = "dct") -> torch.Tensor:
     """Orthonormal 2-D transform of a matrix (DCT-II on both axes, or the unitary DFT), in float32 or float64."""
-    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    work = matrix if matrix.dtype in COMPUTE_DTYPES else matrix.float()
     if transform == "dct":
         return dct(dct(work, dim=0), dim=1)
     if transform == "dft":

@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from .spectral import (
     TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, delta_weight, dense_forward, prefers_dense,
 )
+from .transforms import COMPUTE_DTYPES
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -309,7 +310,7 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         return (
             self._plain_call(args, kwargs)
-            and base.weight.dtype in (torch.float32, torch.float64) and x.dtype == base.weight.dtype
+            and base.weight.dtype in COMPUTE_DTYPES and x.dtype == base.weight.dtype
         )
 
     # ----------------------------------------------------------------------------------------------------------

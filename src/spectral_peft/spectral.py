@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .transforms import dct_scale, idct, makhoul_reorder, makhoul_restore, makhoul_restore_add
+from .transforms import COMPUTE_DTYPES, dct_scale, idct, makhoul_reorder, makhoul_restore, makhoul_restore_add
 
 TRANSFORMS = ("dct", "dft")
 
@@ -410,7 +410,7 @@ def _inverse_order(order: torch.Tensor) -> torch.Tensor:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return dtype if dtype in COMPUTE_DTYPES else torch.float32
 
 
 def apply_delta(x: torch.Tensor, spec: Spectrum, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -435,7 +435,7 @@ def apply_delta(x: torch.Tensor, spec: Spectrum, out: Optional[torch.Tensor] = N
 
 def delta_weight(spec: Spectrum) -> torch.Tensor:
     """The dense M x N ``dW`` in float32/float64 (dense path and merging)."""
-    coefficients = spec.coefficients if spec.coefficients.dtype in (torch.float32, torch.float64) else spec.coefficients.float()
+    coefficients = spec.coefficients.to(_compute_dtype(spec.coefficients.dtype))
     s = _ScatterSpectrum.apply(coefficients, spec.locations, spec)
     if spec.transform == "dct":
         dw = idct(idct(s, dim=0), dim=1)

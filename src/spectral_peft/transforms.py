@@ -15,7 +15,8 @@ import torch
 
 __all__ = ["dct", "idct"]
 
-_COMPUTE_DTYPES = (torch.float32, torch.float64)
+# the dtypes the transforms compute in; others (half precision) are computed in float32
+COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 def dct_scale(n: int) -> torch.Tensor:
@@ -88,7 +89,7 @@ def _along(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
         raise TypeError(f"DCT needs a floating-point tensor, got {in_dtype}")
     if x.numel() == 0:  # nothing to transform (the FFT refuses empty input)
         return x.clone()
-    work = x if in_dtype in _COMPUTE_DTYPES else x.float()
+    work = x if in_dtype in COMPUTE_DTYPES else x.float()
     moved = work.movedim(dim, -1)
     out = fn(moved).movedim(-1, dim)
     return out.to(in_dtype)

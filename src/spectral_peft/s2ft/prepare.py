@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..analysis import permute, transform_2d
+from ..transforms import COMPUTE_DTYPES
 from .config import S2FTConfig
 from .layer import S2FTLinear
 from .ordering import nearest_neighbor_order
@@ -159,7 +160,7 @@ def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[
                     lora_a[: rows.shape[0]] = rows.to(lora_a)
             # half-precision trainable copies (a modules_to_save head of an fp16 model) would turn NaN under
             # Adam (its eps rounds to 0 in fp16): the warm-up trains the float32 LoRA factors only then
-            trainable = [p for p in lora_model.parameters() if p.requires_grad and p.dtype in (torch.float32, torch.float64)]
+            trainable = [p for p in lora_model.parameters() if p.requires_grad and p.dtype in COMPUTE_DTYPES]
             optimizer_class = torch.optim.Adam if config.prior_optimizer == "adam" else torch.optim.SGD
             optimizer = optimizer_class(trainable, lr=config.warm_up_lr)
             warm_up = itertools.chain([first], itertools.islice(cached, config.prior_steps - 1))
