@@ -403,10 +403,11 @@ def build_method(settings: dict, base, task: Task, prior_batches=None):
             )
             return get_peft_model(base, config)
         if method == "s2ft":
+            # a run.json from before --s2ft-prior-optimizer existed has no such key: S2FTConfig's default then
+            optimizer = settings.get("s2ft_prior_optimizer")
             config = S2FTConfig(
                 n_frequency=n, scaling=scaling, prior=settings["s2ft_prior"], prior_batches=settings["prior_batches"],
-                prior_optimizer=settings.get("s2ft_prior_optimizer") or "sgd", transform=settings["s2ft_transform"],
-                **common,
+                transform=settings["s2ft_transform"], **({"prior_optimizer": optimizer} if optimizer else {}), **common,
             )
             if prior_batches is None:
                 return get_peft_model(base, config)
