@@ -213,6 +213,59 @@ def test_coefficient_and_input_gradients_match_reference(dtype, shape, transform
     torch.testing.assert_close(x.grad, x_ref.grad, atol=_atol(dtype), rtol=1e-5)
 
 
+@pytest.mark.parametrize("transform", ["dct", "dft"])
+@pytest.mark.parametrize("orders", [False, True])
+@pytest.mark.parametrize("into_output", [False, True])
+def test_many_row_blocks_match_reference_with_every_gradient(transform, orders, into_output, monkeypatch):
+    # blocks of 16 rows (the smallest), 50 tokens: three full blocks and a short one, in every pass
+    monkeypatch.setattr(spectral, "_BLOCK_ELEMENTS", 1)
+    assert [b.stop - b.start for b in spectral._row_blocks(50, 9, torch.device("cpu"))] == [16, 16, 16, 2]
+    spec = make_spec(7, 9, n_coef=8, transform=transform, dtype=torch.float64, orders=orders, locations=True,
+                     seed=3)
+    x = torch.randn(50, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 9, dtype=torch.float64)
+    y = apply_delta(x, spec, out=x @ w.T) if into_output else apply_delta(x, spec)
+    (y.sin().sum()).backward()
+    with torch.no_grad():
+        inferred = apply_delta(x, spec)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    coefficients = spec.coefficients.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ ref_of(spec, coefficients).T + (x_ref @ w.T if into_output else 0)
+    y_ref.sin().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(inferred, x_ref @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
+    # the location gradient of the blocked path against the dense path's (one whole-matrix pass)
+    blocked = spec.locations.grad.clone()
+    spec.locations.grad = None
+    (x.detach() @ delta_weight(spec).T).add(x.detach() @ w.T if into_output else 0).sin().sum().backward()
+    assert blocked.abs().max() > 1e-6
+    torch.testing.assert_close(blocked, spec.locations.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_cell_structure_follows_cells_moved_in_place_and_is_dropped_with_them():
+    # Q's sparsity is kept per cells tensor between calls: moving the cells (in place, as LoCA does) rebuilds it
+    spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, seed=4)
+    x = torch.randn(5, 9, dtype=torch.float64)
+    first = apply_delta(x, spec)
+    assert id(spec.cells) in spectral._STRUCTURES
+    moved = random_cells((7, 9), 6, torch.Generator().manual_seed(99))
+    assert not torch.equal(moved, spec.cells)
+    spec.cells.copy_(moved)
+    second = apply_delta(x, spec)
+    torch.testing.assert_close(second, x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+    assert (second - first).abs().max() > 1e-3
+    second.sum().backward()  # the coefficient gradient reads the new cells' stencil
+    coefficients = spec.coefficients.detach().clone().requires_grad_(True)
+    (x @ ref_of(spec, coefficients).T).sum().backward()
+    torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
+    key = id(spec.cells)
+    del spec, first, second
+    assert key not in spectral._STRUCTURES
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # layers that read one input share its transform
 
@@ -244,15 +297,27 @@ def test_layers_reading_one_input_share_its_spectrum_and_match_reference(transfo
 
 
 def test_shared_spectrum_follows_in_place_changes_and_is_dropped_with_its_input():
+    # shared in training (backward keeps it anyway); the coefficients' gradient turns that on
     spec = make_spec(6, 9, transform="dct", dtype=torch.float64)
+    assert spec.coefficients.requires_grad
     x = torch.randn(3, 9, dtype=torch.float64)
+    apply_delta(x, spec)
     with torch.no_grad():
-        apply_delta(x, spec)
         x.mul_(-2.0)  # same memory, new version
-        torch.testing.assert_close(apply_delta(x, spec), x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(apply_delta(x, spec), x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
     assert spectral._SHARED_INPUT.entry is not None
     del x
     assert spectral._SHARED_INPUT.entry is None  # nothing of a freed input is kept
+
+
+def test_inference_shares_nothing():
+    # without gradients each block of rows is transformed where it is used: nothing whole-batch to share
+    spec = make_spec(6, 9, transform="dct", dtype=torch.float64)
+    x = torch.randn(3, 9, dtype=torch.float64)
+    spectral._SHARED_INPUT.entry = None
+    with torch.no_grad():
+        torch.testing.assert_close(apply_delta(x, spec), x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+    assert spectral._SHARED_INPUT.entry is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -261,10 +326,9 @@ def test_cast_inputs_never_share_a_spectrum(dtype):
     # next cast, so it must not key the shared entry (with both inputs alive, a stale hit would look the same)
     spec = make_spec(6, 9, transform="dct")
     xs = [torch.randn(3, 9).to(dtype) for _ in range(3)]
-    with torch.no_grad():
-        ys = [apply_delta(x, spec) for x in xs]
+    ys = [apply_delta(x, spec) for x in xs]
     for x, y in zip(xs, ys):
-        torch.testing.assert_close(y.float(), x.float() @ ref_of(spec).T.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(y.detach().float(), x.float() @ ref_of(spec).T.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_s2ft_column_orders_are_never_shared():

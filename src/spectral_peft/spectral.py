@@ -69,9 +69,10 @@ def _stencil_points(spec: Spectrum) -> Optional[tuple[torch.Tensor, torch.Tensor
 
 
 def _stencil_gradients(
-    spectral_grad_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], spec: Spectrum
+    spectral_grad: Optional[torch.Tensor], spec: Spectrum
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Coefficient gradient ``K[r_i, c_i]`` and LoCA's location gradient.
+    """Coefficient gradient ``K[r_i, c_i]`` and LoCA's location gradient from ``spectral_grad``, ``K`` at
+    :func:`_stencil_points` (None where there are none).
 
     The location gradient is the linearised central difference of moving coefficient i by one cell:
     ``dL/dr_i = a_i (K[r_i+1, c_i] - K[r_i-1, c_i]) / 2`` and likewise along columns; neighbour indices are clamped
@@ -79,8 +80,7 @@ def _stencil_gradients(
     """
     rows = spec.cells[0]
     train_locations = spec.locations is not None and spec.train_locations
-    points = _stencil_points(spec)
-    values = [] if points is None else list(spectral_grad_at(*points).split(rows.numel()))
+    values = [] if spectral_grad is None else list(spectral_grad.split(rows.numel()))
     coef_grad = values.pop(0).to(spec.coefficients.dtype) if spec.train_coefficients else None
     loc_grad = None
     if train_locations:
@@ -106,7 +106,8 @@ class _ScatterSpectrum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, k):
-        return (*_stencil_gradients(lambda r, c: k[r, c], ctx.spec), None)
+        points = _stencil_points(ctx.spec)
+        return (*_stencil_gradients(None if points is None else k[points], ctx.spec), None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -198,102 +199,202 @@ def _entries(spec: Spectrum, rows: torch.Tensor, cols: torch.Tensor, dtype: torc
     return flat[keep], factor[keep], pair[keep]
 
 
-def _sparse(flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], transpose: bool = False):
-    """A CSR matrix from flat positions (duplicates summed)."""
-    rows, cols = flat // shape[1], flat % shape[1]
-    if transpose:
-        rows, cols, shape = cols, rows, (shape[1], shape[0])
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
-    with warnings.catch_warnings():  # torch calls its sparse CSR support beta; it is tested here against dense
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return coo.coalesce().to_sparse_csr()
+class _SparsityPattern:
+    """Where a CSR matrix's entries lie, from flat positions ``row * width + col`` (duplicates are summed): built
+    once, filled with values on each call."""
+
+    def __init__(self, flat: torch.Tensor, shape: tuple[int, int], transpose: bool = False):
+        rows, cols = flat // shape[1], flat % shape[1]
+        if transpose:
+            rows, cols, shape = cols, rows, (shape[1], shape[0])
+        positions, self.slot = torch.unique(rows * shape[1] + cols, return_inverse=True)
+        self.crow = torch.searchsorted(positions // shape[1], torch.arange(shape[0] + 1, device=flat.device))
+        self.col = positions % shape[1]
+        self.shape = shape
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        summed = values.new_zeros(self.col.numel()).index_add_(0, self.slot, values)
+        with warnings.catch_warnings():  # torch calls its sparse CSR support beta; it is tested here against dense
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(self.crow, self.col, summed, self.shape, check_invariants=False)
 
 
-def _sampled_dots(left: torch.Tensor, right: torch.Tensor, pattern: torch.Tensor, width: int,
-                  right_columns: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``<left[:, p], right[:, q]>`` for each sorted, distinct flat position ``p * width + q`` of ``pattern``.
+class _Stencil:
+    """K at the stencil points (:func:`_stencil_points`) from the half spectra of the output gradient (left) and
+    the input (right): ``K = sum of factor * <left[:, p], right[:, q]>`` over each point's Q entries at ``p * width +
+    q``. Only the distinct positions are sampled, and only the spectrum columns they touch are gathered (a few
+    hundred of a wide layer's thousands): ``columns``, which is also all that S2FT keeps of its input."""
 
-    ``right`` may hold only some columns, ``right_columns`` (sorted), of the full ``width``. Only the columns the
-    pattern touches are gathered (a few hundred of a wide layer's thousands), so the transposes the sampled
-    product makes of its operands stay small.
+    def __init__(self, entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: int, spec: Spectrum,
+                 width: int):
+        flat, factor, self.point = entries
+        self.size = size
+        self.weight = factor * _half_spectrum_weights(spec.out_features, factor.dtype, factor.device)[0][flat // width]
+        pattern, self.position = torch.unique(flat, return_inverse=True)
+        self.used_rows, row_index = torch.unique(pattern // width, return_inverse=True)
+        self.columns, col_index = torch.unique(pattern % width, return_inverse=True)
+        # the compact positions keep the pattern's order, so the sampled values come out in it
+        compact = row_index * self.columns.numel() + col_index
+        self.compact = _SparsityPattern(compact, (self.used_rows.numel(), self.columns.numel())).matrix(
+            torch.ones_like(compact, dtype=factor.dtype))
+
+    def sampled_dots(self, left: torch.Tensor, right: torch.Tensor, right_is_columns: bool) -> torch.Tensor:
+        """The sampled dots of one block of rows (``right`` already reduced to ``columns`` or not)."""
+        right = right if right_is_columns else right.index_select(1, self.columns)
+        return torch.sparse.sampled_addmm(self.compact, left.index_select(1, self.used_rows).t(), right,
+                                          beta=0.0).values()
+
+    def spectral_grad(self, dots: torch.Tensor, scaling: float) -> torch.Tensor:
+        per_entry = self.weight * dots[self.position] * scaling
+        return per_entry.new_zeros(self.size).index_add_(0, self.point, per_entry)
+
+
+class _Structure:
+    """What a spectrum's cells fix for the activation path, kept until they move (:func:`_structure`): Q's
+    entries and sparsity, its adjoint's (backward, on first use) and the coefficient gradient's stencil."""
+
+    def __init__(self, spec: Spectrum, dtype: torch.dtype):
+        m, n = spec.out_features, spec.in_features
+        self.shape = (2 * (m // 2 + 1), 2 * (n // 2 + 1))
+        self.entries = _entries(spec, spec.cells[0], spec.cells[1], dtype)  # (flat, factor, pair)
+        self.pattern = _SparsityPattern(self.entries[0], self.shape)
+        self._adjoint = self._cells_stencil = None
+
+    def adjoint(self, spec: Spectrum) -> tuple[_SparsityPattern, torch.Tensor]:
+        """Q^T's sparsity and the weight of each entry: the adjoints of irfft and rfft are weighted rffts and
+        irffts, and those weights (of the output by Q's row, of the input by its column) are folded into Q's
+        entries, so the (T, 2 Mh) rfft of the output gradient is used as it comes."""
+        if self._adjoint is None:
+            flat, factor, _ = self.entries
+            irfft_adjoint = _half_spectrum_weights(spec.out_features, factor.dtype, factor.device)[0]
+            rfft_adjoint = _half_spectrum_weights(spec.in_features, factor.dtype, factor.device)[1]
+            weight = irfft_adjoint[flat // self.shape[1]] * rfft_adjoint[flat % self.shape[1]]
+            self._adjoint = (_SparsityPattern(flat, self.shape, transpose=True), weight)
+        return self._adjoint
+
+    def stencil(self, spec: Spectrum) -> Optional[_Stencil]:
+        """The stencil of the gradients that train; kept when it is the cells alone (the coefficients train, the
+        locations do not), built anew for LoCA's location phase (five times the points, rarely repeated)."""
+        points = _stencil_points(spec)
+        if points is None:
+            return None
+        if points[0].numel() != spec.cells.shape[1]:
+            return _Stencil(_entries(spec, *points, self.entries[1].dtype), points[0].numel(), spec, self.shape[1])
+        if self._cells_stencil is None:
+            self._cells_stencil = _Stencil(self.entries, spec.cells.shape[1], spec, self.shape[1])
+        return self._cells_stencil
+
+
+_STRUCTURES: dict = {}  # id(cells) -> (weak reference to them, key, structure)
+
+
+def _structure(spec: Spectrum, dtype: torch.dtype) -> _Structure:
+    """The structure of ``spec``'s cells, rebuilt when they change (in place: their version counter moves) and
+    dropped with them."""
+    cells = spec.cells
+    key = (cells._version, spec.out_features, spec.in_features, spec.transform, dtype)
+    cached = _STRUCTURES.get(id(cells))
+    if cached is not None and cached[0]() is cells and cached[1] == key:
+        return cached[2]
+    structure = _Structure(spec, dtype)
+    _STRUCTURES[id(cells)] = (weakref.ref(cells, functools.partial(_forget_structure, id(cells))), key, structure)
+    return structure
+
+
+def _forget_structure(cells_id: int, reference: weakref.ref) -> None:
+    entry = _STRUCTURES.get(cells_id)
+    if entry is not None and entry[0] is reference:  # not an entry of newer cells that took the same id
+        del _STRUCTURES[cells_id]
+
+
+def _times_transposed(q: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``dense @ q^T`` for a (T, K) row-major ``dense`` and a (J, K) CSR ``q``: a (T, J) row-major result.
+
+    Computed as ``q @ dense^T`` into the transposed view of the result, so the sparse kernel reads and writes the
+    activations in their own layout; ``dense @ csr`` transposes both operands and copies the result back (1.5-5x
+    slower on this project's 2-core CPU, from a block of rows to a whole batch).
     """
-    rows, cols = pattern // width, pattern % width
-    used_rows, row_index = torch.unique(rows, return_inverse=True)
-    used_cols, col_index = torch.unique(cols, return_inverse=True)
-    if right_columns is not None:
-        used_cols = torch.searchsorted(right_columns, used_cols)
-    # the compact positions keep the pattern's order, so the values come out in it
-    compact = _sparse(row_index * used_cols.numel() + col_index, torch.ones_like(pattern, dtype=left.dtype),
-                      (used_rows.numel(), used_cols.numel()))
-    return torch.sparse.sampled_addmm(
-        compact, left.index_select(1, used_rows).t(), right.index_select(1, used_cols), beta=0.0
-    ).values()
+    out = torch.empty(dense.shape[0], q.shape[0], dtype=dense.dtype, device=dense.device)
+    torch.addmm(out.t(), q, dense.t(), beta=0.0, out=out.t())
+    return out
+
+
+# Tokens are transformed a block of rows at a time on a CPU, so a step's temporaries (a few block x features
+# tensors) stay in cache between the reorder, FFT, sparse product, inverse FFT and sum; whole-batch temporaries make
+# every one of those passes go to memory (about 3x the time on a 2048-wide layer at 1024 tokens).
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(tokens: int, width: int, device: torch.device) -> list[slice]:
+    if device.type != "cpu":  # one launch per operation beats many small ones on an accelerator
+        return [slice(0, tokens)]
+    rows = max(16, _BLOCK_ELEMENTS // max(width, 1))
+    return [slice(start, min(start + rows, tokens)) for start in range(0, tokens, rows)]
 
 
 class _SpectralActivationProduct(torch.autograd.Function):
     """``x @ dW^T`` for x of shape (T, N), in the compute dtype; see the section comment.
 
-    Activations stay (T, features) row-major throughout: the sparse matrix multiplies from the right, since
-    transposing a (T, 2 Nh) half spectrum costs more than the FFTs around it.
+    Activations stay (T, features) row-major throughout, and are processed in blocks of rows (``_row_blocks``).
     """
 
     @staticmethod
     def forward(ctx, x, coefficients, locations, spec: Spectrum, gathers: "_Gathers", anchor: "_Anchor", out):
         m, n = spec.out_features, spec.in_features
-        shape = (2 * (m // 2 + 1), 2 * (n // 2 + 1))
-        flat, factor, pair = _entries(spec, spec.cells[0], spec.cells[1], x.dtype)
+        structure = _structure(spec, x.dtype)
+        _, factor, pair = structure.entries
         values = factor * coefficients.detach().to(x.dtype)[pair] * spec.scaling
-        half_in = _input_half_spectrum(x, spec, gathers, anchor)  # (T, 2 Nh)
-        half_out = half_in @ _sparse(flat, values, shape, transpose=True)  # (T, 2 Mh)
+        q = structure.pattern.matrix(values)  # half_out = half_in @ Q^T
         # Backward needs the input only through its half spectrum, at the columns its gradient points touch. Where
         # other layers share that spectrum it is kept whole (one input-sized tensor for them all); S2FT's per-layer
         # column orders make it the layer's own, so only those columns are kept (its cells crowd low frequencies).
-        # (In inference nothing is kept: no backward will come.)
-        ctx.columns = None
-        if anchor.grad_enabled and spec.col_order is not None:
-            points = _stencil_points(spec)
-            needed = _entries(spec, *points, x.dtype)[0] % shape[1] if points is not None else flat[:0]
-            ctx.columns = torch.unique(needed)
-            half_in = half_in.index_select(1, ctx.columns)
+        # In inference nothing is kept and each block transforms its own rows.
+        shared = anchor.grad_enabled and spec.col_order is None
+        half_in = _SHARED_INPUT.get(x, spec, gathers.col_gather, anchor.tensor) if shared else None
+        stencil = structure.stencil(spec) if anchor.grad_enabled else None
+        kept = columns = None
+        if anchor.grad_enabled and not shared:
+            columns = stencil.columns if stencil is not None else structure.entries[0][:0]
+            kept = x.new_empty(x.shape[0], columns.numel())
+        result = x.new_empty(x.shape[0], m) if out is None else out
+        for rows in _row_blocks(x.shape[0], max(m, n), x.device):
+            block = half_in[rows] if shared else _half_spectrum(x[rows], gathers.col_gather)
+            if kept is not None:
+                torch.index_select(block, 1, columns, out=kept[rows])
+            features = _irfft_half(_times_transposed(q, block), m)
+            if out is None:
+                result[rows] = gathers.row_gather(features)
+            else:  # added into the base layer's output where it lies: no (T, M) copy for the reorder nor the sum
+                gathers.row_add(result[rows], features.to(out.dtype))
         if anchor.grad_enabled:
-            ctx.save_for_backward(half_in)
-        ctx.spec, ctx.gathers, ctx.entries, ctx.shape = spec, gathers, (flat, values), shape
-        features = _irfft_half(half_out, m)
-        if out is None:
-            return gathers.row_gather(features)
-        # added into the base layer's output where it lies: no (T, M) copy for the reorder nor for the sum
-        gathers.row_add(out, features.to(out.dtype))
-        ctx.mark_dirty(out)
-        return out
+            ctx.save_for_backward(half_in if shared else kept)
+        ctx.spec, ctx.gathers, ctx.structure, ctx.values, ctx.stencil = spec, gathers, structure, values, stencil
+        ctx.kept_columns = not shared
+        if out is not None:
+            ctx.mark_dirty(out)
+        return result
 
     @staticmethod
     def backward(ctx, grad_y):
         (half_in,) = ctx.saved_tensors
-        spec, gathers, (flat, values), shape = ctx.spec, ctx.gathers, ctx.entries, ctx.shape
+        spec, gathers, structure, stencil = ctx.spec, ctx.gathers, ctx.structure, ctx.stencil
         m, n = spec.out_features, spec.in_features
-        # the adjoints of irfft and rfft are weighted rffts and irffts: the weights of the output (irfft_adjoint,
-        # indexed by Q's row) and of the input (rfft_adjoint, by Q's column) are folded into Q's entries, so the
-        # (T, 2 Mh) rfft of the output gradient is used as it comes
-        dtype, device = half_in.dtype, half_in.device
-        irfft_adjoint = _half_spectrum_weights(m, dtype, device)[0]
-        rfft_adjoint = _half_spectrum_weights(n, dtype, device)[1]
-        out_weight = irfft_adjoint[flat // shape[1]]
-        raw_grad_half_out = _half_spectrum(grad_y.reshape(-1, m).to(dtype), gathers.row_scatter)  # (T, 2 Mh)
-        grad_x = None
+        grad_y = grad_y.reshape(-1, m)
+        grad_x = adjoint = None
         if ctx.needs_input_grad[0]:
-            adjoint = values * out_weight * rfft_adjoint[flat % shape[1]]
-            grad_x = _features(raw_grad_half_out @ _sparse(flat, adjoint, shape), n, gathers.col_scatter)
-
-        def spectral_grad_at(r, c):
-            # K[r, c] = dL/dS[r, c] = sum over Q's entries of that cell of factor * <grad_half_out[:, p], half_in[:, q]>
-            pair_flat, factor, pair = _entries(spec, r, c, dtype)
-            pattern, position = torch.unique(pair_flat, return_inverse=True)
-            sampled = _sampled_dots(raw_grad_half_out, half_in, pattern, shape[1], ctx.columns)
-            weight = irfft_adjoint[pair_flat // shape[1]]
-            per_entry = factor * weight * sampled[position] * spec.scaling
-            return torch.zeros(r.numel(), dtype=dtype, device=device).index_add_(0, pair, per_entry)
-
-        coef_grad, loc_grad = _stencil_gradients(spectral_grad_at, spec)
+            pattern, weight = structure.adjoint(spec)
+            adjoint = pattern.matrix(ctx.values * weight)
+            grad_x = half_in.new_empty(grad_y.shape[0], n)
+        dots = None
+        for rows in _row_blocks(grad_y.shape[0], max(m, n), half_in.device):
+            raw_grad_half_out = _half_spectrum(grad_y[rows].to(half_in.dtype), gathers.row_scatter)  # (rows, 2 Mh)
+            if grad_x is not None:
+                grad_x[rows] = gathers.col_scatter(_irfft_half(_times_transposed(adjoint, raw_grad_half_out), n))
+            if stencil is not None:  # K = dL/dS at the stencil points, summed over the blocks
+                block = stencil.sampled_dots(raw_grad_half_out, half_in[rows], ctx.kept_columns)
+                dots = block if dots is None else dots.add_(block)
+        spectral_grad = stencil.spectral_grad(dots, spec.scaling) if stencil is not None else None
+        coef_grad, loc_grad = _stencil_gradients(spectral_grad, spec)
         # the base output it was added into passes its gradient through
         return grad_x, coef_grad, loc_grad, None, None, None, grad_y if ctx.needs_input_grad[6] else None
 
@@ -340,19 +441,17 @@ def _gathers(spec: Spectrum, device: torch.device) -> _Gathers:
 
 
 def _half_spectrum(x: torch.Tensor, reorder: Reorder) -> torch.Tensor:
-    """(T, N) features -> (T, 2 Nh) real and imaginary parts of the rfft of the reordered features."""
-    spectrum = torch.fft.rfft(reorder(x), dim=-1)
+    """(T, N) features -> (T, 2 Nh) real and imaginary parts of the rfft of the reordered features (by blocks of
+    rows, so the reordered copy never leaves the cache)."""
+    spectrum = torch.empty(x.shape[0], x.shape[1] // 2 + 1, dtype=x.dtype.to_complex(), device=x.device)
+    for rows in _row_blocks(x.shape[0], x.shape[1], x.device):
+        torch.fft.rfft(reorder(x[rows]), dim=-1, out=spectrum[rows])
     return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
 
 
 def _irfft_half(half: torch.Tensor, size: int) -> torch.Tensor:
     """(T, 2 Mh) real and imaginary parts of a half spectrum -> (T, M) by the inverse real FFT."""
     return torch.fft.irfft(torch.view_as_complex(half.reshape(half.shape[0], -1, 2)), n=size, dim=-1)
-
-
-def _features(half: torch.Tensor, size: int, reorder: Reorder) -> torch.Tensor:
-    """(T, 2 Mh) half spectrum -> (T, M) features: irfft, then reorder."""
-    return reorder(_irfft_half(half, size))
 
 
 @dataclass
@@ -395,12 +494,6 @@ class _SharedHalfSpectrum:
 
 
 _SHARED_INPUT = _SharedHalfSpectrum()
-
-
-def _input_half_spectrum(x: torch.Tensor, spec: Spectrum, gathers: _Gathers, anchor: _Anchor) -> torch.Tensor:
-    if spec.col_order is not None:  # S2FT: every layer orders its input its own way
-        return _half_spectrum(x, gathers.col_gather)
-    return _SHARED_INPUT.get(x, spec, gathers.col_gather, anchor.tensor)
 
 
 def _inverse_order(order: torch.Tensor) -> torch.Tensor:
