@@ -351,9 +351,9 @@ class _SpectralActivationProduct(torch.autograd.Function):
         # In inference nothing is kept and each block transforms its own rows.
         shared = anchor.grad_enabled and spec.col_order is None
         half_in = _SHARED_INPUT.get(x, spec, gathers.col_gather, anchor.tensor) if shared else None
-        stencil = structure.stencil(spec) if anchor.grad_enabled else None
-        kept = columns = None
+        stencil = kept = columns = None
         if anchor.grad_enabled and not shared:
+            stencil = structure.stencil(spec)
             columns = stencil.columns if stencil is not None else structure.entries[0][:0]
             kept = x.new_empty(x.shape[0], columns.numel())
         result = x.new_empty(x.shape[0], m) if out is None else out
@@ -377,7 +377,8 @@ class _SpectralActivationProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (half_in,) = ctx.saved_tensors
-        spec, gathers, structure, stencil = ctx.spec, ctx.gathers, ctx.structure, ctx.stencil
+        spec, gathers, structure = ctx.spec, ctx.gathers, ctx.structure
+        stencil = ctx.stencil if ctx.kept_columns else structure.stencil(spec)  # built here, not held since forward
         m, n = spec.out_features, spec.in_features
         grad_y = grad_y.reshape(-1, m)
         grad_x = adjoint = None
