@@ -266,6 +266,24 @@ def test_cell_structure_follows_cells_moved_in_place_and_is_dropped_with_them():
     assert key not in spectral._STRUCTURES
 
 
+@pytest.mark.parametrize("orders", [False, True])
+def test_structure_built_under_inference_mode_serves_training(orders):
+    # the first call of a layer may come under torch.inference_mode (evaluation before training): the cached
+    # structure's tensors are then inference tensors, which training must still be able to use
+    spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, orders=orders, seed=6)
+    with torch.inference_mode():
+        apply_delta(torch.randn(4, 9, dtype=torch.float64), spec)
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 7, dtype=torch.float64)
+    (apply_delta(x, spec) * r).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    coefficients = spec.coefficients.detach().clone().requires_grad_(True)
+    ((x_ref @ ref_of(spec, coefficients).T) * r).sum().backward()
+    assert coefficients.grad.abs().max() > 1e-3
+    torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-8)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # layers that read one input share its transform
 
@@ -278,7 +296,7 @@ def test_layers_reading_one_input_share_its_spectrum_and_match_reference(transfo
     x = torch.randn(4, 5, 10, dtype=torch.float64, requires_grad=True)
     calls = []
     real = spectral._half_spectrum
-    monkeypatch.setattr(spectral, "_half_spectrum", lambda t, gather: calls.append(t.shape[-1]) or real(t, gather))
+    monkeypatch.setattr(spectral, "_half_spectrum", lambda t, *args: calls.append(t.shape[-1]) or real(t, *args))
     ys = [apply_delta(x, spec) for spec in specs]
     assert calls == [10]  # the input, once; no output is transformed in forward
     loss = sum(((y - 0.3) ** 2).sum() for y in ys)

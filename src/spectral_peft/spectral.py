@@ -307,14 +307,14 @@ def _forget_structure(cells_id: int, reference: weakref.ref) -> None:
         del _STRUCTURES[cells_id]
 
 
-def _times_transposed(q: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+def _times_transposed(q: torch.Tensor, dense: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
     """``dense @ q^T`` for a (T, K) row-major ``dense`` and a (J, K) CSR ``q``: a (T, J) row-major result.
 
     Computed as ``q @ dense^T`` into the transposed view of the result, so the sparse kernel reads and writes the
     activations in their own layout; ``dense @ csr`` transposes both operands and copies the result back (1.5-5x
     slower on this project's 2-core CPU, from a block of rows to a whole batch).
     """
-    out = torch.empty(dense.shape[0], q.shape[0], dtype=dense.dtype, device=dense.device)
+    out = scratch("product", dense.shape[0], q.shape[0], dense.dtype)
     torch.addmm(out.t(), q, dense.t(), beta=0.0, out=out.t())
     return out
 
@@ -357,13 +357,14 @@ class _SpectralActivationProduct(torch.autograd.Function):
             columns = stencil.columns if stencil is not None else structure.entries[0][:0]
             kept = x.new_empty(x.shape[0], columns.numel())
         result = x.new_empty(x.shape[0], m) if out is None else out
+        scratch = _Scratch(x.device)
         for rows in _row_blocks(x.shape[0], max(m, n), x.device):
-            block = half_in[rows] if shared else _half_spectrum(x[rows], gathers.col_gather)
+            block = half_in[rows] if shared else _half_spectrum(x[rows], gathers.col_gather, scratch)
             if kept is not None:
                 torch.index_select(block, 1, columns, out=kept[rows])
-            features = _irfft_half(_times_transposed(q, block), m)
+            features = _irfft_half(_times_transposed(q, block, scratch), m, scratch)
             if out is None:
-                result[rows] = gathers.row_gather(features)
+                gathers.row_gather(features, out=result[rows])
             else:  # added into the base layer's output where it lies: no (T, M) copy for the reorder nor the sum
                 gathers.row_add(result[rows], features.to(out.dtype))
         if anchor.grad_enabled:
@@ -386,11 +387,13 @@ class _SpectralActivationProduct(torch.autograd.Function):
             pattern, weight = structure.adjoint(spec)
             adjoint = pattern.matrix(ctx.values * weight)
             grad_x = half_in.new_empty(grad_y.shape[0], n)
-        dots = None
+        dots, scratch = None, _Scratch(half_in.device)
         for rows in _row_blocks(grad_y.shape[0], max(m, n), half_in.device):
-            raw_grad_half_out = _half_spectrum(grad_y[rows].to(half_in.dtype), gathers.row_scatter)  # (rows, 2 Mh)
+            # (rows, 2 Mh)
+            raw_grad_half_out = _half_spectrum(grad_y[rows].to(half_in.dtype), gathers.row_scatter, scratch)
             if grad_x is not None:
-                grad_x[rows] = gathers.col_scatter(_irfft_half(_times_transposed(adjoint, raw_grad_half_out), n))
+                features = _irfft_half(_times_transposed(adjoint, raw_grad_half_out, scratch), n, scratch)
+                gathers.col_scatter(features, out=grad_x[rows])
             if stencil is not None:  # K = dL/dS at the stencil points, summed over the blocks
                 block = stencil.sampled_dots(raw_grad_half_out, half_in[rows], ctx.kept_columns)
                 dots = block if dots is None else dots.add_(block)
@@ -400,15 +403,15 @@ class _SpectralActivationProduct(torch.autograd.Function):
         return grad_x, coef_grad, loc_grad, None, None, None, grad_y if ctx.needs_input_grad[6] else None
 
 
-Reorder = Callable[[torch.Tensor], torch.Tensor]
+Reorder = Callable[..., torch.Tensor]  # (x, out=None) -> x reordered along its last axis (into out if given)
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+def _identity(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return x if out is None else out.copy_(x)
 
 
 def _gather(order: torch.Tensor) -> Reorder:
-    return lambda x: x.index_select(-1, order)
+    return lambda x, out=None: torch.index_select(x, -1, order, out=out)
 
 
 @dataclass
@@ -441,18 +444,39 @@ def _gathers(spec: Spectrum, device: torch.device) -> _Gathers:
     return _Gathers(col_gather, col_scatter, row_gather, row_scatter, row_add)
 
 
-def _half_spectrum(x: torch.Tensor, reorder: Reorder) -> torch.Tensor:
+class _Scratch:
+    """Buffers that every block of rows of one call reuses: fresh memory is faulted in page by page on first touch,
+    which costs about as much as the FFTs when each block allocates its own temporaries."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.buffers = device, {}
+
+    def __call__(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != cols or buffer.dtype != dtype:
+            buffer = self.buffers[name] = torch.empty(rows, cols, dtype=dtype, device=self.device)
+        return buffer[:rows]
+
+
+def _half_spectrum(x: torch.Tensor, reorder: Reorder, scratch: Optional[_Scratch] = None) -> torch.Tensor:
     """(T, N) features -> (T, 2 Nh) real and imaginary parts of the rfft of the reordered features (by blocks of
-    rows, so the reordered copy never leaves the cache)."""
-    spectrum = torch.empty(x.shape[0], x.shape[1] // 2 + 1, dtype=x.dtype.to_complex(), device=x.device)
+    rows, so the reordered copy never leaves the cache). With ``scratch`` (a block's call) the result lives in its
+    buffer until the next call."""
+    scratch = scratch or _Scratch(x.device)
+    bins = x.shape[1] // 2 + 1
+    spectrum = scratch("spectrum", x.shape[0], bins, x.dtype.to_complex())
     for rows in _row_blocks(x.shape[0], x.shape[1], x.device):
-        torch.fft.rfft(reorder(x[rows]), dim=-1, out=spectrum[rows])
+        reordered = x[rows] if reorder is _identity else reorder(
+            x[rows], out=scratch("reordered", rows.stop - rows.start, x.shape[1], x.dtype))
+        torch.fft.rfft(reordered, dim=-1, out=spectrum[rows])
     return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
 
 
-def _irfft_half(half: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, 2 Mh) real and imaginary parts of a half spectrum -> (T, M) by the inverse real FFT."""
-    return torch.fft.irfft(torch.view_as_complex(half.reshape(half.shape[0], -1, 2)), n=size, dim=-1)
+def _irfft_half(half: torch.Tensor, size: int, scratch: Optional[_Scratch] = None) -> torch.Tensor:
+    """(T, 2 Mh) real and imaginary parts of a half spectrum -> (T, M) by the inverse real FFT (into a scratch
+    buffer if given)."""
+    out = scratch("features", half.shape[0], size, half.dtype) if scratch is not None else None
+    return torch.fft.irfft(torch.view_as_complex(half.reshape(half.shape[0], -1, 2)), n=size, dim=-1, out=out)
 
 
 @dataclass

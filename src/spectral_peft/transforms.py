@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 
@@ -26,20 +27,20 @@ def dct_scale(n: int) -> torch.Tensor:
     return scale
 
 
-def makhoul_reorder(x: torch.Tensor) -> torch.Tensor:
+def makhoul_reorder(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Makhoul's reorder of the last axis, whose real FFT gives the DCT-II: the even samples, then the odd ones
-    reversed; by two strided copies (faster than a gather)."""
+    reversed; by two strided copies (faster than a gather), into ``out`` if given."""
     half = (x.shape[-1] + 1) // 2
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     out[..., :half] = x[..., 0::2]
     out[..., half:] = x[..., 1::2].flip(-1)
     return out
 
 
-def makhoul_restore(v: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`makhoul_reorder`."""
+def makhoul_restore(v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The inverse of :func:`makhoul_reorder` (into ``out`` if given)."""
     half = (v.shape[-1] + 1) // 2
-    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device) if out is None else out
     out[..., 0::2] = v[..., :half]
     out[..., 1::2] = v[..., half:].flip(-1)
     return out
