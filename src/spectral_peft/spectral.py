@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -357,7 +358,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
             columns = stencil.columns if stencil is not None else structure.entries[0][:0]
             kept = x.new_empty(x.shape[0], columns.numel())
         result = x.new_empty(x.shape[0], m) if out is None else out
-        scratch = _Scratch(x.device)
+        scratch = _block_scratch(x.device)
         for rows in _row_blocks(x.shape[0], max(m, n), x.device):
             block = half_in[rows] if shared else _half_spectrum(x[rows], gathers.col_gather, scratch)
             if kept is not None:
@@ -387,7 +388,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
             pattern, weight = structure.adjoint(spec)
             adjoint = pattern.matrix(ctx.values * weight)
             grad_x = half_in.new_empty(grad_y.shape[0], n)
-        dots, scratch = None, _Scratch(half_in.device)
+        dots, scratch = None, _block_scratch(half_in.device)
         for rows in _row_blocks(grad_y.shape[0], max(m, n), half_in.device):
             # (rows, 2 Mh)
             raw_grad_half_out = _half_spectrum(grad_y[rows].to(half_in.dtype), gathers.row_scatter, scratch)
@@ -445,17 +446,35 @@ def _gathers(spec: Spectrum, device: torch.device) -> _Gathers:
 
 
 class _Scratch:
-    """Buffers that every block of rows of one call reuses: fresh memory is faulted in page by page on first touch,
-    which costs about as much as the FFTs when each block allocates its own temporaries."""
+    """Buffers that blocks of rows reuse: fresh memory is faulted in page by page on first touch, which costs about
+    as much as the FFTs when each block allocates its own temporaries (and after a training step's large frees the
+    allocator may hand back memory that is fresh again). See :func:`_block_scratch`."""
 
     def __init__(self, device: torch.device):
         self.device, self.buffers = device, {}
 
     def __call__(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != cols or buffer.dtype != dtype:
-            buffer = self.buffers[name] = torch.empty(rows, cols, dtype=dtype, device=self.device)
+        key = (name, cols, dtype)  # one buffer per use and width: layers of different widths alternate
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = self.buffers[key] = torch.empty(rows, cols, dtype=dtype, device=self.device)
         return buffer[:rows]
+
+
+_THREAD_SCRATCH = threading.local()
+
+
+def _block_scratch(device: torch.device) -> _Scratch:
+    """The scratch for one call's blocks. On a CPU one per thread, kept between calls (blocks hold about 2^18
+    elements, so its few buffers take a few MB; nothing in them outlives a call, and calls in one thread never
+    overlap); elsewhere a call's own (one block is the whole batch there, and the device's caching allocator
+    already reuses memory)."""
+    if device.type != "cpu":
+        return _Scratch(device)
+    scratch = getattr(_THREAD_SCRATCH, "scratch", None)
+    if scratch is None:
+        scratch = _THREAD_SCRATCH.scratch = _Scratch(device)
+    return scratch
 
 
 def _half_spectrum(x: torch.Tensor, reorder: Reorder, scratch: Optional[_Scratch] = None) -> torch.Tensor:
