@@ -279,7 +279,7 @@ class _Structure:
         points = _stencil_points(spec)
         if points is None:
             return None
-        if points[0].numel() != spec.cells.shape[1]:
+        if spec.locations is not None and spec.train_locations:
             return _Stencil(_entries(spec, *points, self.entries[1].dtype), points[0].numel(), spec, self.shape[1])
         if self._cells_stencil is None:
             self._cells_stencil = _Stencil(self.entries, spec.cells.shape[1], spec, self.shape[1])
@@ -352,9 +352,9 @@ class _SpectralActivationProduct(torch.autograd.Function):
         # In inference nothing is kept and each block transforms its own rows.
         shared = anchor.grad_enabled and spec.col_order is None
         half_in = _SHARED_INPUT.get(x, spec, gathers.col_gather, anchor.tensor) if shared else None
-        stencil = kept = columns = None
+        kept = columns = None
         if anchor.grad_enabled and not shared:
-            stencil = structure.stencil(spec)
+            stencil = structure.stencil(spec)  # the cells' own (S2FT has no locations): kept with the structure
             columns = stencil.columns if stencil is not None else structure.entries[0][:0]
             kept = x.new_empty(x.shape[0], columns.numel())
         result = x.new_empty(x.shape[0], m) if out is None else out
@@ -370,7 +370,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
                 gathers.row_add(result[rows], features.to(out.dtype))
         if anchor.grad_enabled:
             ctx.save_for_backward(half_in if shared else kept)
-        ctx.spec, ctx.gathers, ctx.structure, ctx.values, ctx.stencil = spec, gathers, structure, values, stencil
+        ctx.spec, ctx.gathers, ctx.structure, ctx.values = spec, gathers, structure, values
         ctx.kept_columns = not shared
         if out is not None:
             ctx.mark_dirty(out)
@@ -380,7 +380,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
     def backward(ctx, grad_y):
         (half_in,) = ctx.saved_tensors
         spec, gathers, structure = ctx.spec, ctx.gathers, ctx.structure
-        stencil = ctx.stencil if ctx.kept_columns else structure.stencil(spec)  # built here, not held since forward
+        stencil = structure.stencil(spec)  # a location phase's is built here, not held since forward
         m, n = spec.out_features, spec.in_features
         grad_y = grad_y.reshape(-1, m)
         grad_x = adjoint = None
@@ -479,14 +479,16 @@ def _block_scratch(device: torch.device) -> _Scratch:
 
 def _half_spectrum(x: torch.Tensor, reorder: Reorder, scratch: Optional[_Scratch] = None) -> torch.Tensor:
     """(T, N) features -> (T, 2 Nh) real and imaginary parts of the rfft of the reordered features (by blocks of
-    rows, so the reordered copy never leaves the cache). With ``scratch`` (a block's call) the result lives in its
-    buffer until the next call."""
-    scratch = scratch or _Scratch(x.device)
-    bins = x.shape[1] // 2 + 1
-    spectrum = scratch("spectrum", x.shape[0], bins, x.dtype.to_complex())
+    rows, so the reordered copy never leaves the cache). With ``scratch`` (a block's call) the result is its buffer,
+    valid until that buffer's next use; without, a tensor of its own (a whole batch kept for backward)."""
+    shape, dtype = (x.shape[0], x.shape[1] // 2 + 1), x.dtype.to_complex()
+    if scratch is None:
+        spectrum, work = torch.empty(shape, dtype=dtype, device=x.device), _block_scratch(x.device)
+    else:
+        spectrum, work = scratch("spectrum", *shape, dtype), scratch
     for rows in _row_blocks(x.shape[0], x.shape[1], x.device):
         reordered = x[rows] if reorder is _identity else reorder(
-            x[rows], out=scratch("reordered", rows.stop - rows.start, x.shape[1], x.dtype))
+            x[rows], out=work("reordered", rows.stop - rows.start, x.shape[1], x.dtype))
         torch.fft.rfft(reordered, dim=-1, out=spectrum[rows])
     return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
 
