@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -29,9 +30,18 @@ def test_measure_reports_every_method_against_the_base_step():
         if name != "base":
             assert m["overhead_s"] == pytest.approx(m["step_s"]["median"] - methods["base"]["step_s"]["median"])
             assert m["merged_inference_s"]["median"] > 0
+        assert m["step_paired_ratio"] > 0 and m["unmerged_inference_paired_ratio"] > 0
+    assert methods["lora"]["step_paired_ratio"] == methods["lora"]["unmerged_inference_paired_ratio"] == 1.0
     table = bench.table(result)
     assert table.count("\n") == 2 + len(methods) - 1
-    assert "| LoRA (stock PEFT) |" in table and "| 1.00 |" in table
+    assert "| LoRA (stock PEFT) |" in table and "| 1.00 / 1.00 |" in table
+
+
+def test_paired_ratios_cancel_a_slow_spell_that_the_medians_do_not():
+    # the third round ran three times slower for everyone; the reference also had a slow second round
+    method, reference = [1.1, 1.1, 3.3], [1.0, 3.0, 3.0]
+    assert statistics.median(method) / statistics.median(reference) == pytest.approx(1.1 / 3.0)
+    assert bench._paired_ratio(method, reference) == pytest.approx(1.1)
 
 
 def test_merged_timing_leaves_the_shared_weights_unchanged():

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+REFERENCE = "lora"  # the method every ratio is taken to
 METHODS = ("lora", "fourierft", "fastfourierft", "loca", "loca-locations", "s2ft")
 SHAPES = ("minilm", "llama", "linear")
 LABELS = {
@@ -165,6 +166,12 @@ def _summary(values: list) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _paired_ratio(times: list, reference: list) -> float:
+    """Median over rounds of a time over the reference's time in the same round: an interleaved round runs every
+    method within seconds, so a slow spell on a shared machine slows both sides of each ratio alike."""
+    return statistics.median(a / b for a, b in zip(times, reference))
+
+
 def _step_fn(model, work: _Workload, device, memory: dict, name: str):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None  # the bare layer's base has none
@@ -218,6 +225,8 @@ def measure(work: _Workload, methods: list, n: int, rank: int, repeats: int, war
         trainable = [p for p in models[name].parameters() if p.requires_grad]
         entry["peak_step_growth_bytes"] = max(memory[name])
         entry["peak_memory_bytes"] = base_bytes + 3 * _tensor_bytes(trainable) + entry["peak_step_growth_bytes"]
+        if REFERENCE in step_times:
+            entry["step_paired_ratio"] = _paired_ratio(step_times[name], step_times[REFERENCE])
         result["methods"][name] = entry
     if inference:
         for model in models.values():
@@ -239,6 +248,9 @@ def measure(work: _Workload, methods: list, n: int, rank: int, repeats: int, war
             result["methods"][name]["merged_inference_s"] = _summary(merged[name])
         for name in names:
             result["methods"][name]["unmerged_inference_s"] = _summary(unmerged[name])
+            if REFERENCE in unmerged:
+                result["methods"][name]["unmerged_inference_paired_ratio"] = _paired_ratio(unmerged[name],
+                                                                                          unmerged[REFERENCE])
     return result
 
 
@@ -291,7 +303,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
-def table(result: dict, reference: str = "lora") -> str:
+def table(result: dict, reference: str = REFERENCE) -> str:
+    """Markdown table of ``measure``'s result. A ratio to LoRA reads ``a / b``: a, the ratio of the medians; b,
+    the median of the per-round ratios (:func:`_paired_ratio`)."""
     methods = result["methods"]
     ref = methods.get(reference)
     lines = ["| method | step ms (min..max) | / LoRA step | overhead ms | / LoRA overhead | peak memory MiB | "
@@ -299,8 +313,12 @@ def table(result: dict, reference: str = "lora") -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         step = m["step_s"]
-        ratio = lambda key, sub="median": (  # noqa: E731
-            f"{m[key][sub] / ref[key][sub]:.2f}" if ref and key in m and key in ref else "")
+
+        def ratio(key: str, paired_key: str) -> str:
+            if not (ref and key in m and key in ref):
+                return ""
+            text = f"{m[key]['median'] / ref[key]['median']:.2f}"
+            return text + (f" / {m[paired_key]:.2f}" if paired_key in m else "")
         over = f"{m['overhead_s'] / ref['overhead_s']:.2f}" if ref and name != "base" and ref["overhead_s"] > 0 else ""
         mem_key = "peak_memory_bytes"
         mem = f"{m[mem_key] / 2**20:.0f}" if m.get(mem_key) is not None else ""
@@ -309,8 +327,8 @@ def table(result: dict, reference: str = "lora") -> str:
         merged = (f"{_ms(m['merged_inference_s']['median'])} ({_ms(m['merged_base_inference_s']['median'])})"
                   if "merged_inference_s" in m else "")
         lines.append(f"| {LABELS.get(name, name)} | {_ms(step['median'])} ({_ms(step['min'])}..{_ms(step['max'])}) | "
-                     f"{ratio('step_s')} | {_ms(m['overhead_s']) if name != 'base' else ''} | {over} | {mem} | "
-                     f"{mem_ratio} | {unmerged} | {ratio('unmerged_inference_s')} | {merged} |")
+                     f"{ratio('step_s', 'step_paired_ratio')} | {_ms(m['overhead_s']) if name != 'base' else ''} | {over} | {mem} | "
+                     f"{mem_ratio} | {unmerged} | {ratio('unmerged_inference_s', 'unmerged_inference_paired_ratio')} | {merged} |")
     return "\n".join(lines)
 
 

@@ -46,13 +46,6 @@ def makhoul_restore(v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torc
     return out
 
 
-def makhoul_restore_add(target: torch.Tensor, v: torch.Tensor) -> None:
-    """``target += makhoul_restore(v)`` in place, without the restored copy."""
-    half = (v.shape[-1] + 1) // 2
-    target[..., 0::2] += v[..., :half]
-    target[..., 1::2] += v[..., half:].flip(-1)
-
-
 @functools.lru_cache(maxsize=64)
 def _tables(n: int, dtype: torch.dtype, device: torch.device):
     """Cached per length: exp(-i pi k / 2n) for the n // 2 + 1 bins of an rfft and the orthonormal scale of each
