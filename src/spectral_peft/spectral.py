@@ -209,10 +209,8 @@ class _SparsityPattern:
         if transpose:
             rows, cols, shape = cols, rows, (shape[1], shape[0])
         positions, self.slot = torch.unique(rows * shape[1] + cols, return_inverse=True)
-        crow = torch.searchsorted(positions // shape[1], torch.arange(shape[0] + 1, device=flat.device))
-        # 32-bit indices where they fit (the CPU sparse product is a few per cent faster with them)
-        index_dtype = torch.int32 if max(shape[0], shape[1], positions.numel()) < 2**31 else torch.int64
-        self.crow, self.col = crow.to(index_dtype), (positions % shape[1]).to(index_dtype)
+        self.crow = torch.searchsorted(positions // shape[1], torch.arange(shape[0] + 1, device=flat.device))
+        self.col = positions % shape[1]
         self.shape = shape
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
