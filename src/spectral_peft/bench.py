@@ -327,8 +327,9 @@ def table(result: dict, reference: str = REFERENCE) -> str:
         merged = (f"{_ms(m['merged_inference_s']['median'])} ({_ms(m['merged_base_inference_s']['median'])})"
                   if "merged_inference_s" in m else "")
         lines.append(f"| {LABELS.get(name, name)} | {_ms(step['median'])} ({_ms(step['min'])}..{_ms(step['max'])}) | "
-                     f"{ratio('step_s', 'step_paired_ratio')} | {_ms(m['overhead_s']) if name != 'base' else ''} | {over} | {mem} | "
-                     f"{mem_ratio} | {unmerged} | {ratio('unmerged_inference_s', 'unmerged_inference_paired_ratio')} | {merged} |")
+                     f"{ratio('step_s', 'step_paired_ratio')} | {_ms(m['overhead_s']) if name != 'base' else ''} | "
+                     f"{over} | {mem} | {mem_ratio} | {unmerged} | "
+                     f"{ratio('unmerged_inference_s', 'unmerged_inference_paired_ratio')} | {merged} |")
     return "\n".join(lines)
 
 

@@ -412,8 +412,8 @@ def _identity(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tens
 
 
 def _gather(order: torch.Tensor) -> Reorder:
-    # torch.gather with the order broadcast over the rows: one vectorised pass, faster than index_select along the
-    # last axis or strided copies (about 45 against 75 and 55 us for a 128 x 2048 block on a 2-core x86 CPU)
+    # torch.gather with the order broadcast over the rows: one pass, faster than index_select along the last axis
+    # (about 45 against 75 us for a 128 x 2048 block on this project's 2-core CPU; benchmarks/activation_pieces.py)
     return lambda x, out=None: torch.gather(x, -1, order.expand(x.shape), out=out)
 
 
@@ -423,8 +423,11 @@ def _scatter_add(order: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], 
 
 
 @functools.lru_cache(maxsize=64)
-def _makhoul_order(size: int, device: torch.device) -> torch.Tensor:
-    return makhoul_reorder(torch.arange(size, device=device))
+def _makhoul_orders(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Makhoul's reorder as indices, and its inverse (kept: a layer call's fixed cost is what generating token by
+    token pays)."""
+    order = makhoul_reorder(torch.arange(size, device=device))
+    return order, _inverse_order(order)
 
 
 @dataclass
@@ -445,12 +448,13 @@ def _gathers(spec: Spectrum, device: torch.device) -> _Gathers:
         if order is None and spec.transform == "dft":
             return _identity, _identity, torch.Tensor.add_
         if order is None:
-            order = _makhoul_order(size, device)
+            order, inverse = _makhoul_orders(size, device)
         else:
             order = order.to(device)
             if spec.transform == "dct":  # the ordering first, then Makhoul's
-                order = order[_makhoul_order(size, device)]
-        return _gather(order), _gather(_inverse_order(order)), _scatter_add(order)
+                order = order[_makhoul_orders(size, device)[0]]
+            inverse = _inverse_order(order)
+        return _gather(order), _gather(inverse), _scatter_add(order)
 
     col_gather, col_scatter, _ = reorders(spec.col_order, spec.in_features)
     # rows run the other way: the irfft's output goes back through the inverse (the output gradient forwards)
