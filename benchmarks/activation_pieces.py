@@ -45,11 +45,7 @@ def main() -> None:
     order = makhoul_reorder(torch.arange(width))
     half = (width + 1) // 2
 
-    def strided_reorder():
-        buffer[:, :half] = x[:, 0::2]
-        buffer[:, half:] = x[:, 1::2].flip(-1)
-
-    def strided_restore_add():
+    def strided_restore_add():  # the form the activation path used before its scatter_add_
         target[:, 0::2] += x[:, :half]
         target[:, 1::2] += x[:, half:].flip(-1)
 
@@ -69,7 +65,7 @@ def main() -> None:
         "rfft, 1 row": lambda: torch.fft.rfft(x[:1], dim=-1, out=spectrum[:1]),
         f"rfft, {rows} rows": lambda: torch.fft.rfft(x, dim=-1, out=spectrum),
         "reorder: gather": lambda: torch.gather(x, -1, order.expand(x.shape), out=buffer),
-        "reorder: Makhoul's strided copies": strided_reorder,
+        "reorder: Makhoul's strided copies": lambda: makhoul_reorder(x, out=buffer),
         "reorder back and add: scatter_add_": lambda: target.scatter_add_(-1, order.expand(x.shape), x),
         "reorder back and add: strided adds": strided_restore_add,
         "sparse product, tokens in rows (as used)": lambda: torch.addmm(out.t(), q, dense.t(), beta=0.0, out=out.t()),

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 from peft import get_peft_model
 
 from spectral_peft import LocaConfig
+from spectral_peft.bench import _interleaved
 from spectral_peft.layer import SpectralLinear
 from spectral_peft.spectral import prefers_dense
 
@@ -29,17 +29,6 @@ class _Square(torch.nn.Module):
 
     def forward(self, x):
         return self.proj(x)
-
-
-def _median_ms(calls: dict, repeats: int = 6, warmup: int = 2) -> dict:
-    times = {name: [] for name in calls}
-    for round_ in range(warmup + repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
@@ -71,7 +60,8 @@ def main() -> None:
                                 model(x)
                     return run
 
-                ms = _median_ms({"dense": call("dense"), "activation": call("activation")})
+                times = _interleaved({"dense": call("dense"), "activation": call("activation")}, 6, 2, "cpu")
+                ms = {path: statistics.median(t) * 1e3 for path, t in times.items()}
                 with torch.set_grad_enabled(training):
                     auto = "dense" if prefers_dense(tokens, layer.spectrum("default"), folded=True) else "activation"
                 faster = min(ms, key=ms.get)

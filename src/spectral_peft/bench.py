@@ -318,7 +318,8 @@ def table(result: dict, reference: str = REFERENCE) -> str:
             if not (ref and key in m and key in ref):
                 return ""
             text = f"{m[key]['median'] / ref[key]['median']:.2f}"
-            return text + (f" / {m[paired_key]:.2f}" if paired_key in m else "")
+            # the paired ratios are taken to REFERENCE only
+            return text + (f" / {m[paired_key]:.2f}" if paired_key in m and reference == REFERENCE else "")
         over = f"{m['overhead_s'] / ref['overhead_s']:.2f}" if ref and name != "base" and ref["overhead_s"] > 0 else ""
         mem_key = "peak_memory_bytes"
         mem = f"{m[mem_key] / 2**20:.0f}" if m.get(mem_key) is not None else ""

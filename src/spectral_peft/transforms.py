@@ -29,7 +29,7 @@ def dct_scale(n: int) -> torch.Tensor:
 
 def makhoul_reorder(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Makhoul's reorder of the last axis, whose real FFT gives the DCT-II: the even samples, then the odd ones
-    reversed; by two strided copies (faster than a gather), into ``out`` if given."""
+    reversed; by two strided copies (faster than ``index_select``), into ``out`` if given."""
     half = (x.shape[-1] + 1) // 2
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     out[..., :half] = x[..., 0::2]
@@ -37,10 +37,10 @@ def makhoul_reorder(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torc
     return out
 
 
-def makhoul_restore(v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The inverse of :func:`makhoul_reorder` (into ``out`` if given)."""
+def makhoul_restore(v: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`makhoul_reorder`."""
     half = (v.shape[-1] + 1) // 2
-    out = torch.empty(v.shape, dtype=v.dtype, device=v.device) if out is None else out
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     out[..., 0::2] = v[..., :half]
     out[..., 1::2] = v[..., half:].flip(-1)
     return out
