@@ -217,8 +217,9 @@ def test_coefficient_and_input_gradients_match_reference(dtype, shape, transform
 @pytest.mark.parametrize("orders", [False, True])
 @pytest.mark.parametrize("into_output", [False, True])
 def test_many_row_blocks_match_reference_with_every_gradient(transform, orders, into_output, monkeypatch):
-    # blocks of 16 rows (the smallest), 50 tokens: three full blocks and a short one, in every pass
+    # blocks of 16 rows, 50 tokens: three full blocks and a short one, in every pass
     monkeypatch.setattr(spectral, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(spectral, "_BLOCK_MIN_ROWS", 16)
     assert [b.stop - b.start for b in spectral._row_blocks(50, 9, torch.device("cpu"))] == [16, 16, 16, 2]
     spec = make_spec(7, 9, n_coef=8, transform=transform, dtype=torch.float64, orders=orders, locations=True,
                      seed=3)
@@ -849,3 +850,12 @@ def test_check_cells_rejects(cells):
 )
 def test_check_cells_accepts(cells):
     check_cells(cells, (3, 4), "test")
+
+
+def test_blocks_hold_a_fixed_number_of_elements_but_never_fewer_than_the_floor_of_rows():
+    cpu = torch.device("cpu")
+    narrow = spectral._row_blocks(4096, 384, cpu)  # 2^18 elements: 682 rows
+    assert [b.stop - b.start for b in narrow] == [682] * 6 + [4]
+    wide = spectral._row_blocks(1024, 5632, cpu)  # 46 rows would hold 2^18 elements; the floor is 128
+    assert [b.stop - b.start for b in wide] == [128] * 8
+    assert spectral._row_blocks(1024, 5632, torch.device("meta")) == [slice(0, 1024)]  # not a CPU: one block

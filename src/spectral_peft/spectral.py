@@ -322,14 +322,18 @@ def _times_transposed(q: torch.Tensor, dense: torch.Tensor, scratch: _Scratch) -
 
 # Tokens are transformed a block of rows at a time on a CPU, so a step's temporaries (a few block x features
 # tensors) stay in cache between the reorder, FFT, sparse product, inverse FFT and sum; whole-batch temporaries make
-# every one of those passes go to memory (about 3x the time on a 2048-wide layer at 1024 tokens).
+# every one of those passes go to memory (about 3x the time on a 2048-wide layer at 1024 tokens). A block has at least
+# _BLOCK_MIN_ROWS rows, though: each operation has a fixed cost per call (torch's MKL backend plans every FFT anew),
+# which 46-row blocks of a 5632-wide layer paid 22 times a call; 128 rows are 10-15% faster there and on wider layers
+# (benchmarks/block_rows.py), where the block still fits the 32 MB last-level cache.
 _BLOCK_ELEMENTS = 1 << 18
+_BLOCK_MIN_ROWS = 128
 
 
 def _row_blocks(tokens: int, width: int, device: torch.device) -> list[slice]:
     if device.type != "cpu":  # one launch per operation beats many small ones on an accelerator
         return [slice(0, tokens)]
-    rows = max(16, _BLOCK_ELEMENTS // max(width, 1))
+    rows = max(_BLOCK_MIN_ROWS, _BLOCK_ELEMENTS // max(width, 1))
     return [slice(start, min(start + rows, tokens)) for start in range(0, tokens, rows)]
 
 
