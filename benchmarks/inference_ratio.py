@@ -2,20 +2,24 @@
 ratio to LoRA without the training steps of ``spectral-peft bench`` (about 2 minutes instead of 14).
 
     HF_HUB_OFFLINE=1 python benchmarks/inference_ratio.py --methods base lora loca s2ft fastfourierft [--rounds 8]
+        [--toggle _BLOCK_MIN_ROWS=16,128]
 
 Same model, batch and builders as the benchmark; interleaved after 2 warm-up rounds. Prints each method's median
-and the two ratios to LoRA the benchmark reports (of the medians; median of the per-round ratios).
+and the two ratios to LoRA the benchmark reports (of the medians; median of the per-round ratios). ``--toggle
+NAME=A,B`` compares settings of the activation path inside one process: each of our methods runs once per value,
+with ``spectral_peft.spectral.NAME`` set to it (an integer) before each call.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 
 import torch
 
-from spectral_peft import bench
+from spectral_peft import bench, spectral
 
 
 def main() -> None:
@@ -24,18 +28,38 @@ def main() -> None:
                         choices=("base",) + bench.METHODS)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--toggle", default=None, metavar="NAME=A,B",
+                        help="a setting of spectral_peft.spectral and the integer values to run each method with")
     args = parser.parse_args()
     if "lora" not in args.methods:
         parser.error("--methods must include lora, the reference")
+    setting, values = None, [None]
+    if args.toggle is not None:
+        setting, _, listed = args.toggle.partition("=")
+        if not hasattr(spectral, setting) or not listed:
+            parser.error(f"--toggle: expected NAME=A,B with NAME a setting of spectral_peft.spectral, got {args.toggle!r}")
+        values = [int(value) for value in listed.split(",")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = bench._workload("llama", "cpu", torch.float32)
-    calls = {name: bench._inference_fn(bench._build(name, work, 1000, 8).eval(), work) for name in args.methods}
+    calls = {}
+    for name in args.methods:
+        infer = bench._inference_fn(bench._build(name, work, 1000, 8).eval(), work)
+        if name in ("base", "lora") or setting is None:
+            calls[name] = infer
+            continue
+        for value in values:
+            calls[f"{name} {setting}={value}"] = functools.partial(_with_setting, infer, setting, value)
     times = bench._interleaved(calls, args.rounds, 2, "cpu")
     lora = times["lora"]
     for name, t in times.items():
-        print(f"{name:15s} {statistics.median(t) * 1e3:7.0f} ms   / LoRA {statistics.median(t) / statistics.median(lora):.3f}"
+        print(f"{name:35s} {statistics.median(t) * 1e3:7.0f} ms   / LoRA {statistics.median(t) / statistics.median(lora):.3f}"
               f" / {bench._paired_ratio(t, lora):.3f}")
+
+
+def _with_setting(infer, setting: str, value: int) -> None:
+    setattr(spectral, setting, value)
+    infer()
 
 
 if __name__ == "__main__":
