@@ -213,6 +213,15 @@ def test_coefficient_and_input_gradients_match_reference(dtype, shape, transform
     torch.testing.assert_close(x.grad, x_ref.grad, atol=_atol(dtype), rtol=1e-5)
 
 
+def test_blocks_hold_a_fixed_number_of_elements_but_never_fewer_than_the_floor_of_rows():
+    cpu = torch.device("cpu")
+    narrow = spectral._row_blocks(4096, 384, cpu)  # 2^18 elements: 682 rows
+    assert [b.stop - b.start for b in narrow] == [682] * 6 + [4]
+    wide = spectral._row_blocks(1024, 5632, cpu)  # 46 rows would hold 2^18 elements; the floor is 128
+    assert [b.stop - b.start for b in wide] == [128] * 8
+    assert spectral._row_blocks(1024, 5632, torch.device("meta")) == [slice(0, 1024)]  # not a CPU: one block
+
+
 @pytest.mark.parametrize("transform", ["dct", "dft"])
 @pytest.mark.parametrize("orders", [False, True])
 @pytest.mark.parametrize("into_output", [False, True])
@@ -850,12 +859,3 @@ def test_check_cells_rejects(cells):
 )
 def test_check_cells_accepts(cells):
     check_cells(cells, (3, 4), "test")
-
-
-def test_blocks_hold_a_fixed_number_of_elements_but_never_fewer_than_the_floor_of_rows():
-    cpu = torch.device("cpu")
-    narrow = spectral._row_blocks(4096, 384, cpu)  # 2^18 elements: 682 rows
-    assert [b.stop - b.start for b in narrow] == [682] * 6 + [4]
-    wide = spectral._row_blocks(1024, 5632, cpu)  # 46 rows would hold 2^18 elements; the floor is 128
-    assert [b.stop - b.start for b in wide] == [128] * 8
-    assert spectral._row_blocks(1024, 5632, torch.device("meta")) == [slice(0, 1024)]  # not a CPU: one block

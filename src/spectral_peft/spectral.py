@@ -324,8 +324,8 @@ def _times_transposed(q: torch.Tensor, dense: torch.Tensor, scratch: _Scratch) -
 # tensors) stay in cache between the reorder, FFT, sparse product, inverse FFT and sum; whole-batch temporaries make
 # every one of those passes go to memory (about 3x the time on a 2048-wide layer at 1024 tokens). A block has at least
 # _BLOCK_MIN_ROWS rows, though: each operation has a fixed cost per call (torch's MKL backend plans every FFT anew),
-# which 46-row blocks of a 5632-wide layer paid 22 times a call; 128 rows are 10-15% faster there and on wider layers
-# (benchmarks/block_rows.py), where the block still fits the 32 MB last-level cache.
+# which 46-row blocks of a 5632-wide layer paid 22 times a call. 128 rows take 0.87-0.89x the time there and
+# 0.87-0.94x on 11008-wide layers, and change nothing at 2048 wide (benchmarks/block_rows.py, 2-core CPU).
 _BLOCK_ELEMENTS = 1 << 18
 _BLOCK_MIN_ROWS = 128
 
