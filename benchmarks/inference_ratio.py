@@ -38,17 +38,18 @@ def main() -> None:
     args = parser.parse_args()
     if "lora" not in args.methods:
         parser.error("--methods must include lora, the reference")
+    if args.batch_size <= 0 or args.length <= 0:
+        parser.error("--batch-size and --length must be positive")
     setting, values = None, [None]
     if args.toggle is not None:
         setting, _, listed = args.toggle.partition("=")
-        if not hasattr(spectral, setting) or not listed:
-            parser.error(f"--toggle: expected NAME=A,B with NAME a setting of spectral_peft.spectral, got {args.toggle!r}")
+        if not hasattr(spectral, setting) or not all(v.strip().lstrip("-").isdigit() for v in listed.split(",")):
+            parser.error(f"--toggle: expected NAME=A,B with NAME a setting of spectral_peft.spectral and integer "
+                         f"values, got {args.toggle!r}")
         values = [int(value) for value in listed.split(",")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = bench._workload("llama", "cpu", torch.float32)
-    if args.batch_size <= 0 or args.length <= 0:
-        parser.error("--batch-size and --length must be positive")
     models = {name: bench._build(name, work, 1000, 8).eval() for name in args.methods}
     ids = torch.randint(0, 1000, (args.batch_size, args.length))
     work.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
