@@ -26,14 +26,16 @@ from spectral_peft import spectral
 from spectral_peft.transforms import makhoul_reorder
 
 
-def _us(call, repeats: int = 300) -> float:
-    for _ in range(20):
-        call()
+def _us(call, repeats: int = 300, before=None) -> float:
+    """Median of ``repeats`` calls after 20 warm-ups, in microseconds; ``before`` runs untimed ahead of each call."""
     times = []
-    for _ in range(repeats):
+    for round_ in range(20 + repeats):
+        if before is not None:
+            before()
         start = time.perf_counter()
         call()
-        times.append(time.perf_counter() - start)
+        if round_ >= 20:
+            times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
 
 
@@ -86,20 +88,15 @@ def _one_token_call(spec: spectral.Spectrum) -> None:
     x, out = torch.randn(1, spec.in_features), torch.randn(1, spec.out_features)
     weight, large = torch.randn(spec.out_features, spec.in_features), torch.randn(16 << 20)
 
-    def median_us(before) -> float:
-        times = []
+    def call() -> None:
         with torch.no_grad():
-            for _ in range(200):
-                before()
-                start = time.perf_counter()
-                spectral.apply_delta(x, spec, out=out)
-                times.append(time.perf_counter() - start)
-        return statistics.median(times[20:]) * 1e6
+            spectral.apply_delta(x, spec, out=out)
 
     for _ in range(2):
-        print(f"one token: alone {median_us(lambda: None):.0f} us, after the base layer's product "
-              f"{median_us(lambda: x @ weight.t()):.0f} us, after reading 64 MB {median_us(large.sum):.0f} us",
-              flush=True)
+        alone, after_product, after_flush = (_us(call, 180, before) for before in (None, lambda: x @ weight.t(),
+                                                                                  large.sum))
+        print(f"one token: alone {alone:.0f} us, after the base layer's product {after_product:.0f} us, "
+              f"after reading 64 MB {after_flush:.0f} us", flush=True)
 
 
 if __name__ == "__main__":

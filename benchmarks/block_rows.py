@@ -12,13 +12,13 @@ setting's median in ms and the median of its per-round ratios to the first setti
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
-import time
 
 import torch
 
-from spectral_peft import spectral
+from spectral_peft import bench, spectral
 
 SHAPES = {(2048, 2048): 1024, (5632, 2048): 1024, (2048, 5632): 1024, (11008, 4096): 1024, (384, 384): 4096}
 FLOORS = (16, 64, 96, 128)
@@ -35,23 +35,23 @@ def main() -> None:
     for (m, n), tokens in SHAPES.items():
         spec = spectral.Spectrum(torch.randn(1000), spectral.random_cells((m, n), 1000), m, n, 1.0)
         cases[(m, n)] = (spec, torch.randn(tokens, n), torch.randn(tokens, m))
-    times = {(shape, floor): [] for shape in SHAPES for floor in FLOORS}
+    calls = {(shape, floor): functools.partial(_with_floor, floor, *case)
+             for floor in FLOORS for shape, case in cases.items()}
     with torch.no_grad():
-        for _ in range(args.rounds + 3):  # the first three rounds warm up
-            for floor in FLOORS:
-                spectral._BLOCK_MIN_ROWS = floor
-                for shape, (spec, x, y) in cases.items():
-                    start = time.perf_counter()
-                    spectral.apply_delta(x, spec, out=y)
-                    times[(shape, floor)].append(time.perf_counter() - start)
+        times = bench._interleaved(calls, args.rounds, 3, "cpu")
     for shape in SHAPES:
-        first = times[(shape, FLOORS[0])][3:]
+        first = times[(shape, FLOORS[0])]
         cells = []
         for floor in FLOORS:
-            kept = times[(shape, floor)][3:]
-            paired = statistics.median(a / b for a, b in zip(kept, first))
-            cells.append(f"{floor} rows: {statistics.median(kept) * 1e3:.2f} ms ({paired:.3f})")
+            kept = times[(shape, floor)]
+            cells.append(f"{floor} rows: {statistics.median(kept) * 1e3:.2f} ms "
+                         f"({bench._paired_ratio(kept, first):.3f})")
         print(f"{shape[0]} x {shape[1]}, {SHAPES[shape]} tokens:  " + "  ".join(cells), flush=True)
+
+
+def _with_floor(floor: int, spec: spectral.Spectrum, x: torch.Tensor, out: torch.Tensor) -> None:
+    spectral._BLOCK_MIN_ROWS = floor
+    spectral.apply_delta(x, spec, out=out)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ def main() -> None:
     times = bench._interleaved(calls, args.rounds, 2, "cpu")
     lora = times["lora"]
     for name, t in times.items():
-        print(f"{name:35s} {statistics.median(t) * 1e3:8.1f} ms   / LoRA {statistics.median(t) / statistics.median(lora):.3f}"
-              f" / {bench._paired_ratio(t, lora):.3f}")
+        ratio, paired = statistics.median(t) / statistics.median(lora), bench._paired_ratio(t, lora)
+        print(f"{name:35s} {statistics.median(t) * 1e3:8.1f} ms   / LoRA {ratio:.3f} / {paired:.3f}")
 
 
 def _with_setting(infer, setting: str, value: int) -> None:
