@@ -52,7 +52,7 @@ def test_folded_dense_path_matches_the_activation_path(build, method):
     ids = make_input_ids(batch=8, seq_len=32)  # 256 tokens on 32-wide layers: the cost model folds
     for layer in layers(model):
         assert layer._can_fold(torch.zeros(1, layer.in_features, dtype=torch.float64), (), {})
-        assert layer._takes_dense_path(ids.numel(), layer.spectrum("default"), torch.device("cpu"), folded=True)
+        assert layer._path(ids.numel(), layer.spectrum("default"), torch.device("cpu"), folded=True) == "dense"
     folded, folded_grads = run(model, "auto", ids)
     separate, separate_grads = run(model, "activation", ids)
     torch.testing.assert_close(folded, separate, atol=1e-9 * float(separate.abs().max()), rtol=0)
@@ -101,3 +101,32 @@ def test_activation_path_adds_into_the_layer_output_and_leaves_a_hooked_output_a
     torch.testing.assert_close(hooked, plain, atol=1e-12, rtol=0)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(hooked_grads[name], grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("build", [build_bert, build_gpt2], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
+def test_factored_path_matches_the_activation_path(build, method, hooked):
+    # a no-op hook sends the layer through the base layer's own call, where the update is added out of place
+    model = adapted(build, method, torch.float64)
+    ids = make_input_ids(batch=2, seq_len=8)
+    handles = [layer.get_base_layer().register_forward_hook(lambda m, i, o: None)
+               for layer in layers(model)] if hooked else []
+    try:
+        factored, factored_grads = run(model, "factored", ids)
+        separate, separate_grads = run(model, "activation", ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(factored, separate, atol=1e-9 * float(separate.abs().max()), rtol=0)
+    for name, grad in separate_grads.items():
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(factored_grads[name], grad, atol=1e-9 * float(grad.abs().max()), rtol=0)
+
+
+def test_an_unknown_spectral_path_is_refused_with_the_module_named():
+    model = adapted(build_bert, "loca")
+    layer = layers(model)[0]
+    layer.spectral_path = "sparse"
+    with pytest.raises(ValueError, match=r"query.*spectral_path.*'sparse'"):
+        model(input_ids=make_input_ids(batch=1, seq_len=4))

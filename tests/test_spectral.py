@@ -20,6 +20,7 @@ import spectral_peft
 from spectral_peft import spectral
 from spectral_peft.loca import LocaLinear
 from spectral_peft.spectral import (
+    DELTA_PRODUCTS,
     Spectrum,
     apply_delta,
     check_cells,
@@ -30,6 +31,8 @@ from spectral_peft.spectral import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+PATHS = sorted(DELTA_PRODUCTS)  # activation, dense, factored
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,17 +192,14 @@ def test_apply_delta_half_precision_returns_input_dtype(dtype):
 @pytest.mark.parametrize("shape", [(6, 9), (12, 5), (8, 8)])
 @pytest.mark.parametrize("transform", ["dct", "dft"])
 @pytest.mark.parametrize("orders", [False, True])
-@pytest.mark.parametrize("path", ["activation", "dense"])
+@pytest.mark.parametrize("path", PATHS)
 def test_coefficient_and_input_gradients_match_reference(dtype, shape, transform, orders, path):
     m, n = shape
     spec = make_spec(m, n, n_coef=8, transform=transform, dtype=dtype, orders=orders, seed=m + 3 * n)
     x = torch.randn(3, 4, n, dtype=dtype, requires_grad=True)
     r = torch.randn(3, 4, m, dtype=dtype)
 
-    if path == "activation":
-        y = apply_delta(x, spec)
-    else:
-        y = F.linear(x, delta_weight(spec))
+    y = DELTA_PRODUCTS[path](x, spec)
     ((y * r).sum() + 0.5 * (y ** 2).sum()).backward()
 
     coef_ref = spec.coefficients.detach().clone().requires_grad_(True)
@@ -260,7 +260,7 @@ def test_cell_structure_follows_cells_moved_in_place_and_is_dropped_with_them():
     spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, seed=4)
     x = torch.randn(5, 9, dtype=torch.float64)
     first = apply_delta(x, spec)
-    assert id(spec.cells) in spectral._STRUCTURES
+    assert (id(spec.cells), "structure") in spectral._PER_CELLS
     moved = random_cells((7, 9), 6, torch.Generator().manual_seed(99))
     assert not torch.equal(moved, spec.cells)
     spec.cells.copy_(moved)
@@ -271,9 +271,9 @@ def test_cell_structure_follows_cells_moved_in_place_and_is_dropped_with_them():
     coefficients = spec.coefficients.detach().clone().requires_grad_(True)
     (x @ ref_of(spec, coefficients).T).sum().backward()
     torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
-    key = id(spec.cells)
+    key = (id(spec.cells), "structure")
     del spec, first, second
-    assert key not in spectral._STRUCTURES
+    assert key not in spectral._PER_CELLS
 
 
 @pytest.mark.parametrize("orders", [False, True])
@@ -292,6 +292,39 @@ def test_structure_built_under_inference_mode_serves_training(orders):
     assert coefficients.grad.abs().max() > 1e-3
     torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("orders", [False, True])
+def test_factored_bases_follow_moved_cells_and_new_orders_and_serve_training_after_inference_mode(orders):
+    # the basis vectors are kept per cells tensor: built under inference_mode, they must still serve training, and
+    # moving the cells in place (LoCA) or setting new orders in place (S2FT) must rebuild them
+    spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, orders=orders, seed=6)
+    x = torch.randn(4, 9, dtype=torch.float64)
+    with torch.inference_mode():
+        spectral.factored_forward(x, spec)
+    assert (id(spec.cells), "bases") in spectral._PER_CELLS
+    spec.cells.copy_(random_cells((7, 9), 6, torch.Generator().manual_seed(99)))
+    if orders:
+        spec.row_order.copy_(torch.randperm(7, generator=torch.Generator().manual_seed(5)))
+    xx = x.clone().requires_grad_(True)
+    r = torch.randn(4, 7, dtype=torch.float64)
+    (spectral.factored_forward(xx, spec) * r).sum().backward()
+    x_ref = x.clone().requires_grad_(True)
+    coefficients = spec.coefficients.detach().clone().requires_grad_(True)
+    ((x_ref @ ref_of(spec, coefficients).T) * r).sum().backward()
+    assert coefficients.grad.abs().max() > 1e-3
+    torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(xx.grad, x_ref.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_on_a_gpu_the_cost_model_picks_the_factored_path_for_wide_layers_and_the_dense_one_for_many_columns():
+    gpu = torch.device("cuda")  # the choice reads the device's type only
+    llama = make_spec(5632, 2048, n_coef=1000, seed=1)
+    assert spectral.choose_path(1024, llama, gpu) == "factored"
+    assert spectral.choose_path(1024, llama) == "activation"  # on a CPU
+    # the FourierFT mode's 2 n columns at n = 10000 on a 1024-wide layer: the dense path's 1024 x 1024 is less
+    many = make_spec(1024, 1024, n_coef=10000, transform="dft", seed=1)
+    assert spectral.choose_path(4096, many, gpu) == "dense"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,26 +579,25 @@ def test_location_gradient_at_borders():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(8, 9), (12, 5), (5, 12)])
 @pytest.mark.parametrize("orders", [False, True])
-def test_location_gradient_same_on_both_paths(dtype, shape, orders):
+def test_location_gradient_same_on_every_path(dtype, shape, orders):
     m, n = shape
     spec = make_spec(m, n, n_coef=10, dtype=dtype, locations=True, orders=orders, seed=m * n)
     x = torch.randn(2, 6, n, dtype=dtype)
     r = torch.randn(2, 6, m, dtype=dtype)
 
-    spec.locations.grad = None
-    spec.coefficients.grad = None
-    (apply_delta(x, spec) * r).sum().backward()
-    loc_act, coef_act = spec.locations.grad.clone(), spec.coefficients.grad.clone()
+    def gradients(path):
+        spec.locations.grad = None
+        spec.coefficients.grad = None
+        (DELTA_PRODUCTS[path](x, spec) * r).sum().backward()
+        return spec.locations.grad.clone(), spec.coefficients.grad.clone()
 
-    spec.locations.grad = None
-    spec.coefficients.grad = None
-    (F.linear(x, delta_weight(spec)) * r).sum().backward()
-    loc_dense, coef_dense = spec.locations.grad.clone(), spec.coefficients.grad.clone()
-
-    assert loc_act.shape == (2, 10) and loc_act.dtype == dtype
+    loc_dense, coef_dense = gradients("dense")
+    for path in ("activation", "factored"):
+        loc_act, coef_act = gradients(path)
+        assert loc_act.shape == (2, 10) and loc_act.dtype == dtype
+        torch.testing.assert_close(loc_act, loc_dense, atol=_atol(dtype), rtol=1e-5)
+        torch.testing.assert_close(coef_act, coef_dense, atol=_atol(dtype), rtol=1e-5)
     assert loc_dense.abs().max() > 1e-3
-    torch.testing.assert_close(loc_act, loc_dense, atol=_atol(dtype), rtol=1e-5)
-    torch.testing.assert_close(coef_act, coef_dense, atol=_atol(dtype), rtol=1e-5)
 
     # and the loss on outputs is linear in dW, so the estimate is the exact clamped central difference
     a = spec.coefficients.detach().double()
@@ -580,17 +612,19 @@ def test_location_gradient_same_on_both_paths(dtype, shape, orders):
             assert abs(loc_dense[axis, i].item() - exact) < 10 * _atol(dtype) * max(1.0, abs(exact))
 
 
-def test_location_gradient_dft_both_paths_agree():
+def test_location_gradient_dft_same_on_every_path():
     m, n = 7, 10
     spec = make_spec(m, n, n_coef=9, dtype=torch.float64, locations=True, transform="dft", seed=3)
     x = torch.randn(5, n, dtype=torch.float64)
     r = torch.randn(5, m, dtype=torch.float64)
-    (apply_delta(x, spec) * r).sum().backward()
-    loc_act = spec.locations.grad.clone()
-    spec.locations.grad = None
-    (F.linear(x, delta_weight(spec)) * r).sum().backward()
-    torch.testing.assert_close(loc_act, spec.locations.grad, atol=1e-10, rtol=0)
-    assert loc_act.abs().max() > 1e-3
+    grads = {}
+    for path in PATHS:
+        spec.locations.grad = None
+        (DELTA_PRODUCTS[path](x, spec) * r).sum().backward()
+        grads[path] = spec.locations.grad.clone()
+    assert grads["dense"].abs().max() > 1e-3
+    for path in ("activation", "factored"):
+        torch.testing.assert_close(grads[path], grads["dense"], atol=1e-10, rtol=0)
 
 
 def test_location_gradient_keeps_float64_precision():
@@ -617,33 +651,33 @@ def test_location_gradient_keeps_float64_precision():
 # phases: what is frozen gets a zero gradient, never None
 
 
-@pytest.mark.parametrize("path", ["activation", "dense"])
+@pytest.mark.parametrize("path", PATHS)
 def test_frozen_coefficients_get_zero_gradient(path):
     spec = make_spec(6, 9, n_coef=7, locations=True, train_coefficients=False, train_locations=True)
     x = torch.randn(4, 9)
-    y = apply_delta(x, spec) if path == "activation" else F.linear(x, delta_weight(spec))
+    y = DELTA_PRODUCTS[path](x, spec)
     (y * torch.randn_like(y)).sum().backward()
     assert spec.coefficients.grad is not None
     assert torch.equal(spec.coefficients.grad, torch.zeros_like(spec.coefficients))
     assert spec.locations.grad is not None and spec.locations.grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("path", ["activation", "dense"])
+@pytest.mark.parametrize("path", PATHS)
 def test_frozen_locations_get_zero_gradient(path):
     spec = make_spec(6, 9, n_coef=7, locations=True, train_coefficients=True, train_locations=False)
     x = torch.randn(4, 9)
-    y = apply_delta(x, spec) if path == "activation" else F.linear(x, delta_weight(spec))
+    y = DELTA_PRODUCTS[path](x, spec)
     (y * torch.randn_like(y)).sum().backward()
     assert spec.locations.grad is not None
     assert torch.equal(spec.locations.grad, torch.zeros_like(spec.locations))
     assert spec.coefficients.grad is not None and spec.coefficients.grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("path", ["activation", "dense"])
+@pytest.mark.parametrize("path", PATHS)
 def test_no_locations_parameter_still_gives_coefficient_gradient(path):
     spec = make_spec(6, 9, n_coef=7, locations=False)
     x = torch.randn(4, 9, requires_grad=True)
-    y = apply_delta(x, spec) if path == "activation" else F.linear(x, delta_weight(spec))
+    y = DELTA_PRODUCTS[path](x, spec)
     (y ** 2).sum().backward()
     assert spec.coefficients.grad is not None and spec.coefficients.grad.abs().max() > 0
     assert x.grad is not None and x.grad.abs().max() > 0
@@ -669,7 +703,7 @@ def loca_layer():
     return layer
 
 
-@pytest.mark.parametrize("path", ["activation", "dense", "auto"])
+@pytest.mark.parametrize("path", [*PATHS, "auto"])
 def test_layer_forward_and_delta_weight_match_reference(loca_layer, path):
     layer = loca_layer
     layer.spectral_path = path
@@ -685,7 +719,7 @@ def test_layer_forward_and_delta_weight_match_reference(loca_layer, path):
     torch.testing.assert_close((out - base).double(), x.double() @ expected.T, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("path", ["activation", "dense"])
+@pytest.mark.parametrize("path", PATHS)
 def test_layer_location_gradient_matches_dense_computation(loca_layer, path):
     layer = loca_layer
     layer.spectral_path = path

@@ -19,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .spectral import (
-    TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, delta_weight, dense_forward, prefers_dense,
+    DELTA_PRODUCTS, TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, choose_path, delta_weight,
 )
 from .transforms import COMPUTE_DTYPES
 
@@ -68,7 +68,7 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
-        # "auto" picks the cheaper of the activation and dense paths; tests and benchmarks may force one.
+        # "auto" picks the cheapest of the activation, dense and factored paths; tests and benchmarks may force one.
         self.spectral_path = "auto"
 
         p = self.prefix
@@ -204,6 +204,8 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
 
         While locations train, a location whose rounded cell changed moves there unless the cell is taken (then it
         is put back on its cell); outside location phases any drift is undone. Locations are clamped to the matrix.
+        Outside location phases a forward computes with the cells and leaves the floats to the next call here (the
+        schedule's step, saving).
         """
         if not self.learnable_locations:
             return self._container("locations")[adapter_name]
@@ -236,7 +238,12 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
 
     def spectrum(self, adapter_name: str) -> Spectrum:
         train_coefficients, train_locations = self._container("phase")[adapter_name]
-        cells = self.commit_locations(adapter_name)
+        # Only a location phase reconciles the floats here: reading them back from a GPU would stall every layer
+        # call, and outside that phase the cells are what the adapter computes with.
+        if train_locations or not self.learnable_locations:
+            cells = self.commit_locations(adapter_name)
+        else:
+            cells = self._container("cells")[adapter_name]
         return Spectrum(
             coefficients=self._container("coefficients")[adapter_name],
             cells=cells,
@@ -267,12 +274,11 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         plain = self._plain_call(args, kwargs)
         foldable = self._can_fold(x, args, kwargs)
         tokens = x.numel() // max(self.in_features, 1)
-        dense = [self._takes_dense_path(tokens, spec, x.device, foldable) for spec in specs]
+        paths = [self._path(tokens, spec, x.device, foldable) for spec in specs]
         if not plain:
             result = self.base_layer(x, *args, **kwargs)
-            for spec, is_dense in zip(specs, dense):
-                delta = dense_forward(x, spec) if is_dense else apply_delta(x, spec)
-                result = result + delta.to(result.dtype)
+            for spec, path in zip(specs, paths):
+                result = result + DELTA_PRODUCTS[path](x, spec).to(result.dtype)
             return result
         # A plain layer's product is computed here, on the tokens as rows: the result is then a fresh tensor that the
         # activation path adds into in place, and for a float32/64 model the dense updates join the frozen weight,
@@ -280,20 +286,24 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         weight = transpose(base.weight, self.fan_in_fan_out)
         if foldable:
-            for spec in (spec for spec, is_dense in zip(specs, dense) if is_dense):
+            for spec in (spec for spec, path in zip(specs, paths) if path == "dense"):
                 weight = weight + delta_weight(spec).to(weight.dtype)
         result = F.linear(x.reshape(-1, self.in_features), weight, base.bias)
-        for spec, is_dense in zip(specs, dense):
-            if not is_dense:
+        for spec, path in zip(specs, paths):
+            if path == "activation":
                 result = apply_delta(x, spec, out=result)
-            elif not foldable:
-                result = result + dense_forward(x, spec).reshape(result.shape).to(result.dtype)
+            elif path == "factored" or not foldable:
+                result = result + DELTA_PRODUCTS[path](x, spec).reshape(result.shape).to(result.dtype)
         return result.reshape(*x.shape[:-1], self.out_features)
 
-    def _takes_dense_path(self, tokens: int, spec: Spectrum, device: torch.device, folded: bool) -> bool:
-        if self.spectral_path != "auto":
-            return self.spectral_path == "dense"
-        return prefers_dense(tokens, spec, device, folded)
+    def _path(self, tokens: int, spec: Spectrum, device: torch.device, folded: bool) -> str:
+        """The path this call takes for ``spec``: ``spectral_path``, or with "auto" the cost model's choice."""
+        if self.spectral_path == "auto":
+            return choose_path(tokens, spec, device, folded)
+        if self.spectral_path not in DELTA_PRODUCTS:
+            raise ValueError(f"{self.module_name}: spectral_path must be 'auto' or one of {sorted(DELTA_PRODUCTS)}, "
+                             f"not {self.spectral_path!r}")
+        return self.spectral_path
 
     def _plain_call(self, args: tuple, kwargs: dict) -> bool:
         """Whether the base layer is a plain ``nn.Linear`` or ``Conv1D`` without hooks, called with the input alone:

@@ -1,4 +1,4 @@
-"""The sparse-spectrum update ``dW = scaling * P_row^T (T_M^T S T_N) P_col^T`` and its two ways of computing.
+"""The sparse-spectrum update ``dW = scaling * P_row^T (T_M^T S T_N) P_col^T`` and its three ways of computing.
 
 ``S`` is an M x N spectrum with ``n`` non-zero coefficients ``a_i`` at cells ``(r_i, c_i)``; ``T`` is the
 orthonormal DCT-II (``transform="dct"``) or the inverse DFT with the real part taken (``"dft"``, FourierFT's
@@ -6,12 +6,15 @@ convention: ``dW = scaling * Re(ifft2(S))``); ``P_row``/``P_col`` are optional o
 
 * The activation path (wide layers on CPU) applies the update to activations: a real FFT of the input features,
   one sparse product into the output's half spectrum, an inverse real FFT. No M x N tensor is formed.
-* The dense path builds ``dW`` (merging; small layers with many tokens, every layer on a GPU; the layer may add
-  it to its frozen weight so that its own product carries it).
+* The dense path builds ``dW`` (merging; small layers with many tokens; the layer may add it to its frozen weight so
+  that its own product carries it).
+* The factored path multiplies by the coefficients' basis vectors, two products as thin as their number (layers
+  on a GPU, where the cost model finds them cheaper than the dense path).
 
-Both paths give coefficient gradients and LoCA's finite-difference location gradients from the spectral gradient
+All three give coefficient gradients and LoCA's finite-difference location gradients from the spectral gradient
 ``K = dL/dS`` evaluated at each location and its four neighbours: the dense path indexes ``K``, the activation
-path samples it from the transformed input and output gradient.
+path samples it from the transformed input and output gradient, the factored path multiplies both by the basis
+vectors of those points.
 """
 
 from __future__ import annotations
@@ -286,26 +289,32 @@ class _Structure:
         return self._cells_stencil
 
 
-_STRUCTURES: dict = {}  # id(cells) -> (weak reference to them, key, structure)
+_PER_CELLS: dict = {}  # (id(cells), what) -> (weak reference to the cells, key, value)
+
+
+def _per_cells(spec: Spectrum, what: str, key: tuple, build: Callable[[], object]):
+    """What ``build`` makes of ``spec``'s cells, kept under ``what`` and ``key``: rebuilt when the cells change (in
+    place: their version counter moves) or the key does, and dropped with the cells."""
+    cells = spec.cells
+    slot, key = (id(cells), what), (cells._version, *key)
+    cached = _PER_CELLS.get(slot)
+    if cached is not None and cached[0]() is cells and cached[1] == key:
+        return cached[2]
+    value = build()
+    _PER_CELLS[slot] = (weakref.ref(cells, functools.partial(_forget_per_cells, slot)), key, value)
+    return value
+
+
+def _forget_per_cells(slot: tuple, reference: weakref.ref) -> None:
+    entry = _PER_CELLS.get(slot)
+    if entry is not None and entry[0] is reference:  # not an entry of newer cells that took the same id
+        del _PER_CELLS[slot]
 
 
 def _structure(spec: Spectrum, dtype: torch.dtype) -> _Structure:
-    """The structure of ``spec``'s cells, rebuilt when they change (in place: their version counter moves) and
-    dropped with them."""
-    cells = spec.cells
-    key = (cells._version, spec.out_features, spec.in_features, spec.transform, dtype)
-    cached = _STRUCTURES.get(id(cells))
-    if cached is not None and cached[0]() is cells and cached[1] == key:
-        return cached[2]
-    structure = _Structure(spec, dtype)
-    _STRUCTURES[id(cells)] = (weakref.ref(cells, functools.partial(_forget_structure, id(cells))), key, structure)
-    return structure
-
-
-def _forget_structure(cells_id: int, reference: weakref.ref) -> None:
-    entry = _STRUCTURES.get(cells_id)
-    if entry is not None and entry[0] is reference:  # not an entry of newer cells that took the same id
-        del _STRUCTURES[cells_id]
+    """The activation path's structure of ``spec``'s cells (:func:`_per_cells`)."""
+    key = (spec.out_features, spec.in_features, spec.transform, dtype)
+    return _per_cells(spec, "structure", key, lambda: _Structure(spec, dtype))
 
 
 def _times_transposed(q: torch.Tensor, dense: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
@@ -609,20 +618,139 @@ def delta_weight(spec: Spectrum) -> torch.Tensor:
     return dw
 
 
-def prefers_dense(tokens: int, spec: Spectrum, device: torch.device = torch.device("cpu"), folded: bool = False) -> bool:
-    """Whether building dW and multiplying densely beats the transforms on ``tokens`` rows of activations.
+# --------------------------------------------------------------------------------------------------------------
+# Factored path: dW as a product of the coefficients' basis vectors, as thin as their number
+#
+# dW = P_row^T (T_M^T S T_N) P_col^T is the sum over coefficients of a_i u_i v_i^T, u_i being row r_i of T_M (a
+# column of the inverse transform) with its entries put in S2FT's row order, v_i likewise for c_i. With U = [u_i]
+# (M x n) and V = [v_i] (N x n), x @ dW^T = ((x @ V) * a) @ U^T: two thin matrix products, LoRA's of rank n, and
+# K = dL/dS at a point (r, c) is the sum over tokens of (g @ u_r)(x @ v_c). The DFT's basis vector is a cosine and a
+# sine: Re(e^{i alpha} e^{i beta}) = cos cos - sin sin, so it takes two columns per coefficient. On a GPU this is a
+# handful of kernels where the dense path runs the 2-D transforms over M x N and keeps dW for backward.
 
-    On a GPU the dense path always wins: its matmuls cost little there, while the activation path is many small
-    kernels. On CPU a cost model in nanoseconds, fitted on a 2-core x86 CPU: the activation path costs per token and
-    feature plus per token and coefficient; the dense path costs T x M x N matmuls plus the 2-D transforms that
-    build dW (and, in training, its spectral gradient). Training takes three matmuls (forward, input gradient,
-    weight gradient), or one when dW is ``folded`` into the frozen weight (the layer's own matmuls then carry it);
-    inference one, or none folded. Small layers with many tokens go dense (MiniLM's 384 x 384 at 4096 tokens: 19 ms
-    against 23 ms per training step unfolded); large layers go through the activations (2048 x 2048 at 1024 tokens:
-    40 ms against 320 ms).
+
+@functools.lru_cache(maxsize=256)
+def _basis_tables(size: int, dtype: torch.dtype, device: torch.device):
+    """Per length: the positions p in their own order, the DCT's odd multipliers 2p + 1 of them and its scale per
+    frequency."""
+    positions = torch.arange(size, device=device)
+    return positions, 2 * positions + 1, dct_scale(size).to(device=device, dtype=dtype)
+
+
+def _basis(size: int, frequencies: torch.Tensor, order: Optional[torch.Tensor], transform: str,
+           dtype: torch.dtype, conjugate: bool = False) -> torch.Tensor:
+    """The basis vectors of ``frequencies`` as columns: (size, k) for the DCT, (size, 2k) cosines then sines for the
+    DFT (``conjugate``: the sines negated, the input side's); rows in ``order``'s positions (S2FT)."""
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    positions, odd, scale = _basis_tables(size, angle_dtype, frequencies.device)
+    if order is not None:
+        positions = _inverse_order(order)
+        odd = 2 * positions + 1
+    if transform == "dct":
+        # the angle pi f (2p + 1) / (2 size), reduced exactly in integers before it becomes a float
+        phase = torch.remainder(frequencies[None, :] * odd[:, None], 4 * size).to(angle_dtype)
+        return torch.cos(phase.mul_(math.pi / (2 * size))).mul_(scale[frequencies]).to(dtype)
+    if conjugate:
+        frequencies = (size - frequencies) % size
+    angle = torch.remainder(frequencies[None, :] * positions[:, None], size).to(angle_dtype).mul_(2 * math.pi / size)
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=1).to(dtype)
+
+
+def _out_basis(spec: Spectrum, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _basis(spec.out_features, rows, spec.row_order, spec.transform, dtype)
+
+
+def _in_basis(spec: Spectrum, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _basis(spec.in_features, cols, spec.col_order, spec.transform, dtype, conjugate=True)
+
+
+class _Bases:
+    """The factored path's basis vectors of a spectrum's cells, output side (M, k) and input side (N, k), kept
+    while the cells and orders stand (:func:`_bases`): building them is a dozen small kernels per side, more than
+    the thin products themselves cost on a GPU."""
+
+    def __init__(self, spec: Spectrum, dtype: torch.dtype):
+        self.orders = (spec.row_order, spec.col_order)  # held, so that their ids in the key stay theirs
+        self.out = _out_basis(spec, spec.cells[0], dtype)
+        self.inp = _in_basis(spec, spec.cells[1], dtype)
+
+
+def _bases(spec: Spectrum, dtype: torch.dtype) -> _Bases:
+    orders = tuple((id(o), o._version) if o is not None else None for o in (spec.row_order, spec.col_order))
+    key = (spec.out_features, spec.in_features, spec.transform, dtype, *orders)
+    return _per_cells(spec, "bases", key, lambda: _Bases(spec, dtype))
+
+
+def _column_scale(spec: Spectrum) -> float:
+    # ifft2's 1 / (M N) for the DFT (FourierFT's convention); the DCT's basis is orthonormal
+    return spec.scaling / (spec.out_features * spec.in_features) if spec.transform == "dft" else spec.scaling
+
+
+def _basis_dots(left: torch.Tensor, right: torch.Tensor, points: int) -> torch.Tensor:
+    """Sum over tokens of ``left * right`` per column, in float32 at least; a DFT point's two columns added."""
+    dots = (left.to(_compute_dtype(left.dtype)) * right.to(_compute_dtype(right.dtype))).sum(0)
+    return dots if dots.numel() == points else dots[:points] + dots[points:]
+
+
+class _FactoredProduct(torch.autograd.Function):
+    """``x @ dW^T`` for x of shape (T, N) as ``((x @ V) * a) @ U^T``; see the section comment."""
+
+    @staticmethod
+    def forward(ctx, x, coefficients, locations, spec: Spectrum):
+        bases = _bases(spec, x.dtype)
+        weights = coefficients.detach().to(x.dtype) * _column_scale(spec)
+        if spec.transform == "dft":
+            weights = torch.cat([weights, weights])
+        projected = x @ bases.inp
+        ctx.save_for_backward(x, projected)
+        ctx.spec, ctx.weights, ctx.bases = spec, weights, bases
+        return (projected * weights) @ bases.out.t()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, projected = ctx.saved_tensors
+        spec, bases = ctx.spec, ctx.bases
+        grad_y = grad_y.reshape(-1, spec.out_features).to(bases.out.dtype)  # under autocast it may differ
+        grad_projected = grad_y @ bases.out
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_projected * ctx.weights) @ bases.inp.t()
+        points = _stencil_points(spec)
+        spectral_grad = None
+        if points is not None:
+            count = points[0].numel()
+            if count == spec.cells.shape[1]:  # the cells alone: both projections are at hand
+                dots = _basis_dots(grad_projected, projected, count)
+            else:  # LoCA's location phase: every neighbour's basis vector too
+                dots = _basis_dots(grad_y @ _out_basis(spec, points[0], grad_y.dtype),
+                                   x @ _in_basis(spec, points[1], x.dtype), count)
+            spectral_grad = dots * _column_scale(spec)
+        coef_grad, loc_grad = _stencil_gradients(spectral_grad, spec)
+        return grad_x, coef_grad, loc_grad, None
+
+
+def factored_forward(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
+    """``x @ dW^T`` through the coefficients' basis vectors (factored path), in the input's dtype (half-precision
+    inputs are multiplied in their own dtype, as LoRA's are)."""
+    lead = x.shape[:-1]
+    work = x.reshape(-1, spec.in_features)
+    if work.dtype not in (torch.float16, torch.bfloat16):
+        work = work.to(_compute_dtype(work.dtype))
+    y = _FactoredProduct.apply(work, spec.coefficients, spec.locations, spec)
+    return y.reshape(*lead, spec.out_features).to(x.dtype)
+
+
+def prefers_dense(tokens: int, spec: Spectrum, folded: bool = False) -> bool:
+    """On a CPU, whether building dW and multiplying densely beats the transforms on ``tokens`` rows of activations.
+
+    A cost model in nanoseconds, fitted on a 2-core x86 CPU: the activation path costs per token and feature plus
+    per token and coefficient; the dense path costs T x M x N matmuls plus the 2-D transforms that build dW (and, in
+    training, its spectral gradient). Training takes three matmuls (forward, input gradient, weight gradient), or
+    one when dW is ``folded`` into the frozen weight (the layer's own matmuls then carry it); inference one, or none
+    folded. Small layers with many tokens go dense (MiniLM's 384 x 384 at 4096 tokens: 19 ms against 23 ms per
+    training step unfolded); large layers go through the activations (2048 x 2048 at 1024 tokens: 40 ms against
+    320 ms).
     """
-    if device.type == "cuda":
-        return True
     m, n = spec.out_features, spec.in_features
     training = torch.is_grad_enabled()
     matmuls = (1 if folded else 3) if training else (0 if folded else 1)
@@ -632,6 +760,41 @@ def prefers_dense(tokens: int, spec: Spectrum, device: torch.device = torch.devi
     return dense < activation
 
 
+def prefers_factored(tokens: int, spec: Spectrum, folded: bool = False) -> bool:
+    """On a GPU, whether the factored path's thin products beat the dense path, by a count of multiply-adds.
+
+    The factored path multiplies T x (M + N) by its n columns (2n for the DFT) twice in training, once in
+    inference; the dense path T x M x N three times in training (once folded), once in inference (none folded),
+    and its 2-D transforms pass over M x N about twenty times in training (ten in inference), each pass worth
+    ``_GPU_PASS_MACS`` multiply-adds, and launch their many small kernels at a fixed cost of
+    ``_GPU_DENSE_FIXED_MACS`` per direction. Both constants were fitted on an H100 in bf16
+    (``benchmarks/path_choice.py``: LoCA and the FourierFT mode, square widths 256 to 4096, n 100 to 10000, 1024
+    and 4096 tokens; the faster path at 141 of 144 points over two runs), where such layers are bound by kernel
+    launches as much as by arithmetic.
+    """
+    m, n = spec.out_features, spec.in_features
+    training = torch.is_grad_enabled()
+    columns = spec.coefficients.numel() * (2 if spec.transform == "dft" else 1)
+    matmuls = (1 if folded else 3) if training else (0 if folded else 1)
+    directions = 2 if training else 1
+    factored = directions * tokens * columns * (m + n)
+    dense = matmuls * tokens * m * n + directions * (10 * _GPU_PASS_MACS * m * n + _GPU_DENSE_FIXED_MACS)
+    return factored < dense
+
+
+_GPU_PASS_MACS = 2500.0
+_GPU_DENSE_FIXED_MACS = 1e11
+
+
+def choose_path(tokens: int, spec: Spectrum, device: torch.device = torch.device("cpu"), folded: bool = False) -> str:
+    """The cheapest path for ``tokens`` rows: on a CPU the activation or the dense path (:func:`prefers_dense`); on
+    a GPU, where the activation path is many small kernels, the factored or the dense path
+    (:func:`prefers_factored`)."""
+    if device.type == "cpu":
+        return "dense" if prefers_dense(tokens, spec, folded) else "activation"
+    return "factored" if prefers_factored(tokens, spec, folded) else "dense"
+
+
 def dense_forward(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
     """``x @ dW^T`` with dW built densely. dW is cast to a half-precision input's dtype (as stock PEFT does), so
     the activations are never copied to float32; its gradient still reaches the float32 coefficients."""
@@ -639,6 +802,12 @@ def dense_forward(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
     if x.dtype in (torch.float16, torch.bfloat16):
         return F.linear(x, dw.to(x.dtype))
     return F.linear(x.to(dw.dtype), dw).to(x.dtype)
+
+
+# the three ways of computing x @ dW^T, by the name a layer's ``spectral_path`` gives them
+DELTA_PRODUCTS: dict[str, Callable[[torch.Tensor, Spectrum], torch.Tensor]] = {
+    "activation": apply_delta, "dense": dense_forward, "factored": factored_forward,
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
