@@ -702,7 +702,9 @@ class _FactoredProduct(torch.autograd.Function):
         if spec.transform == "dft":
             weights = torch.cat([weights, weights])
         projected = x @ bases.inp
-        ctx.save_for_backward(x, projected)
+        # the input only for LoCA's location phase (its neighbours' projections): the base layer's own product,
+        # whose weight is frozen, does not keep it either
+        ctx.save_for_backward(x if spec.locations is not None and spec.train_locations else None, projected)
         ctx.spec, ctx.weights, ctx.bases = spec, weights, bases
         return (projected * weights) @ bases.out.t()
 
