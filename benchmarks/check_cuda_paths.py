@@ -1,6 +1,7 @@
 """CUDA agreement of the three paths (outputs, input, coefficient and LoCA location gradients), for the record of
-docs/performance.md: `python benchmarks/check_cuda_paths.py` on a machine with a GPU (`... cpu` runs it here; CI has no GPU, and on CPU the same
-agreement is tested by tests/test_spectral.py). Each path is compared with the dense one, in float32."""
+docs/performance.md: `python benchmarks/check_cuda_paths.py` on a machine with a GPU (`... cpu` runs it here; CI has
+no GPU, and on CPU the same agreement is tested by tests/test_spectral.py). Each path is compared with the dense one,
+in float32."""
 import sys
 
 import torch
