@@ -437,9 +437,10 @@ def _scatter_add(order: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], 
 
 # An arbitrary order (S2FT's) read from a tensor in memory defeats the hardware's prefetching, which Makhoul's two
 # strided streams do not: a layer's input and output gradient are read in sequence and scattered into a block in
-# cache, and the output is added to in sequence from a gather of the block. A 2048 x 2048 S2FT layer at 1024
-# tokens in inference: 0.85 x the time of gathering from memory and scatter-adding into it (0.89 and 0.93 on the
-# 5632-wide layers; with Makhoul's order alone these forms are 1.01-1.05 x, so it keeps the gather).
+# cache, and the output is added to in sequence from a gather of the block. An S2FT layer of the Llama-style shapes
+# at 1024 tokens: 0.89 x the inference time of gathering from memory and scatter-adding into it, 0.92-0.97 x the
+# training step (benchmarks/reorder_forms.py); with Makhoul's order alone these forms take 1.01-1.05 x, so it keeps
+# the gather.
 
 
 def _scatter(inverse: torch.Tensor) -> Reorder:
