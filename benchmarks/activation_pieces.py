@@ -18,25 +18,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 from spectral_peft import spectral
+from spectral_peft.bench import _interleaved
 from spectral_peft.transforms import makhoul_reorder
 
 
 def _us(call, repeats: int = 300, before=None) -> float:
     """Median of ``repeats`` calls after 20 warm-ups, in microseconds; ``before`` runs untimed ahead of each call."""
-    times = []
-    for round_ in range(20 + repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        call()
-        if round_ >= 20:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(_interleaved({"call": call}, repeats, 20, "cpu", before)["call"]) * 1e6
 
 
 def main() -> None:

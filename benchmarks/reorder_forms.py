@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 from spectral_peft import spectral
-from spectral_peft.bench import _paired_ratio
+from spectral_peft.bench import _interleaved, _paired_ratio
 
 SHAPES = [(2048, 2048), (5632, 2048), (2048, 5632)]  # out, in
 
@@ -54,22 +53,25 @@ def main() -> None:
         x = torch.randn(1024, n, requires_grad=args.training)
         weight = torch.randn(m, n) * 0.01
 
-        times = {"from memory": [], "in sequence": []}
-        for round_ in range(args.rounds + 3):
-            for name, gathers in (("from memory", gathers_from_memory), ("in sequence", in_sequence)):
+        state = {}
+
+        def base_product():  # the layer computes its base product first; untimed, and added into in place
+            state["out"] = x.detach() @ weight.t()
+
+        def call(gathers):
+            def run():
                 spectral._gathers = gathers
                 try:
                     with torch.set_grad_enabled(args.training):
-                        out = x.detach() @ weight.t()  # the base layer's product, untimed
-                        start = time.perf_counter()
-                        y = spectral.apply_delta(x, spec, out=out)
+                        y = spectral.apply_delta(x, spec, out=state["out"])
                         if args.training:
                             y.sum().backward()
-                        elapsed = time.perf_counter() - start
                 finally:
                     spectral._gathers = in_sequence
-                if round_ >= 3:
-                    times[name].append(elapsed)
+            return run
+
+        times = _interleaved({"from memory": call(gathers_from_memory), "in sequence": call(in_sequence)},
+                             args.rounds, 3, "cpu", before=base_product)
         ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         print(f"{m} x {n}, {'training step' if args.training else 'inference'}: from memory {ms['from memory']:.2f} ms, "
               f"in sequence {ms['in sequence']:.2f} ms, paired ratio "

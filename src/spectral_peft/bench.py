@@ -148,11 +148,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _interleaved(calls: dict, repeats: int, warmup: int, device) -> dict:
-    """Seconds per call of each entry of ``calls``, measured A, B, C, A, B, C, ... after ``warmup`` rounds."""
+def _interleaved(calls: dict, repeats: int, warmup: int, device, before: Optional[Callable[[], None]] = None) -> dict:
+    """Seconds per call of each entry of ``calls``, measured A, B, C, A, B, C, ... after ``warmup`` rounds;
+    ``before``, if given, runs untimed ahead of every call."""
     times = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
         for name, call in calls.items():
+            if before is not None:
+                before()
             _sync(device)
             start = time.perf_counter()
             call()

@@ -438,9 +438,9 @@ def _scatter_add(order: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], 
 # An arbitrary order (S2FT's) read from a tensor in memory defeats the hardware's prefetching, which Makhoul's two
 # strided streams do not: a layer's input and output gradient are read in sequence and scattered into a block in
 # cache, and the output is added to in sequence from a gather of the block. An S2FT layer of the Llama-style shapes
-# at 1024 tokens: 0.89 x the inference time of gathering from memory and scatter-adding into it, 0.92-0.97 x the
-# training step (benchmarks/reorder_forms.py); with Makhoul's order alone these forms take 1.01-1.05 x, so it keeps
-# the gather.
+# at 1024 tokens: 0.85-0.93 x the inference time of gathering from memory and scatter-adding into it, the training
+# step within noise (benchmarks/reorder_forms.py); with Makhoul's order alone these forms take 1.01-1.05 x, so it
+# keeps the gather.
 
 
 def _scatter(inverse: torch.Tensor) -> Reorder:
@@ -763,6 +763,12 @@ def factored_forward(x: torch.Tensor, spec: Spectrum) -> torch.Tensor:
     return y.reshape(*lead, spec.out_features).to(x.dtype)
 
 
+def _dense_matmuls(training: bool, folded: bool) -> int:
+    """The dense path's T x M x N products: forward, input gradient and weight gradient in training, or only the
+    layer's own product when dW is folded into the frozen weight (none then in inference)."""
+    return (1 if folded else 3) if training else (0 if folded else 1)
+
+
 def prefers_dense(tokens: int, spec: Spectrum, folded: bool = False) -> bool:
     """On a CPU, whether building dW and multiplying densely beats the transforms on ``tokens`` rows of activations.
 
@@ -776,7 +782,7 @@ def prefers_dense(tokens: int, spec: Spectrum, folded: bool = False) -> bool:
     """
     m, n = spec.out_features, spec.in_features
     training = torch.is_grad_enabled()
-    matmuls = (1 if folded else 3) if training else (0 if folded else 1)
+    matmuls = _dense_matmuls(training, folded)
     passes = 1.0 if training else 0.5  # inference runs the forward half of either path
     activation = passes * (41.0 * tokens * (m + n) + 27.0 * tokens * spec.coefficients.numel())
     dense = 0.031 * matmuls * tokens * m * n + passes * 9.4 * m * n * (math.log2(max(m, 2)) + math.log2(max(n, 2)))
@@ -798,7 +804,7 @@ def prefers_factored(tokens: int, spec: Spectrum, folded: bool = False) -> bool:
     m, n = spec.out_features, spec.in_features
     training = torch.is_grad_enabled()
     columns = spec.coefficients.numel() * (2 if spec.transform == "dft" else 1)
-    matmuls = (1 if folded else 3) if training else (0 if folded else 1)
+    matmuls = _dense_matmuls(training, folded)
     directions = 2 if training else 1
     factored = directions * tokens * columns * (m + n)
     dense = matmuls * tokens * m * n + directions * (10 * _GPU_PASS_MACS * m * n + _GPU_DENSE_FIXED_MACS)
