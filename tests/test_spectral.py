@@ -276,6 +276,23 @@ def test_cell_structure_follows_cells_moved_in_place_and_is_dropped_with_them():
     assert key not in spectral._PER_CELLS
 
 
+def test_activation_path_reorders_follow_orders_set_in_place_or_replaced():
+    # S2FT's composed reorders are kept per cells tensor between calls: new orders, copied in place (as
+    # set_orders and loading do) or given as new tensors, must be used while the cells stay put
+    spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, orders=True, seed=8)
+    x = torch.randn(5, 9, dtype=torch.float64)
+    first = apply_delta(x, spec)
+    assert (id(spec.cells), "gathers") in spectral._PER_CELLS
+    spec.row_order.copy_(torch.randperm(7, generator=torch.Generator().manual_seed(5)))
+    in_place = apply_delta(x, spec)
+    torch.testing.assert_close(in_place, x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+    assert (in_place - first).abs().max() > 1e-3
+    spec.col_order = torch.randperm(9, generator=torch.Generator().manual_seed(6))
+    replaced = apply_delta(x, spec)
+    torch.testing.assert_close(replaced, x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+    assert (replaced - in_place).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("orders", [False, True])
 def test_structure_built_under_inference_mode_serves_training(orders):
     # the first call of a layer may come under torch.inference_mode (evaluation before training): the cached

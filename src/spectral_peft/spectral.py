@@ -289,19 +289,22 @@ class _Structure:
         return self._cells_stencil
 
 
-_PER_CELLS: dict = {}  # (id(cells), what) -> (weak reference to the cells, key, value)
+_PER_CELLS: dict = {}  # (id(cells), what) -> (weak reference to the cells, key, value, orders)
 
 
 def _per_cells(spec: Spectrum, what: str, key: tuple, build: Callable[[], object]):
-    """What ``build`` makes of ``spec``'s cells, kept under ``what`` and ``key``: rebuilt when the cells change (in
-    place: their version counter moves) or the key does, and dropped with the cells."""
-    cells = spec.cells
-    slot, key = (id(cells), what), (cells._version, *key)
+    """What ``build`` makes of ``spec``'s cells and orders, kept under ``what`` and ``key``: rebuilt when the cells
+    or S2FT's orders change (in place: their version counters move; or are replaced) or the key does, and dropped
+    with the cells."""
+    cells, orders = spec.cells, (spec.row_order, spec.col_order)
+    versions = tuple((id(order), order._version) if order is not None else None for order in orders)
+    slot, key = (id(cells), what), (cells._version, *versions, *key)
     cached = _PER_CELLS.get(slot)
     if cached is not None and cached[0]() is cells and cached[1] == key:
         return cached[2]
     value = build()
-    _PER_CELLS[slot] = (weakref.ref(cells, functools.partial(_forget_per_cells, slot)), key, value)
+    # the orders are held with the entry, so that their ids in the key stay theirs
+    _PER_CELLS[slot] = (weakref.ref(cells, functools.partial(_forget_per_cells, slot)), key, value, orders)
     return value
 
 
@@ -477,6 +480,13 @@ class _Gathers:
 
 
 def _gathers(spec: Spectrum, device: torch.device) -> _Gathers:
+    """The reorders of ``spec`` (:func:`_per_cells`: S2FT's composed orders and their inverses are a few small
+    operations, which a layer call on one token would otherwise pay every time)."""
+    key = (spec.out_features, spec.in_features, spec.transform, device)
+    return _per_cells(spec, "gathers", key, lambda: _build_gathers(spec, device))
+
+
+def _build_gathers(spec: Spectrum, device: torch.device) -> _Gathers:
     def reorders(order: Optional[torch.Tensor], size: int) -> tuple[Reorder, Reorder, Callable]:
         """(before the rfft, its inverse, adding the inverse into a target) for a method's ``order``."""
         if order is None and spec.transform == "dft":
@@ -691,14 +701,12 @@ class _Bases:
     the thin products themselves cost on a GPU."""
 
     def __init__(self, spec: Spectrum, dtype: torch.dtype):
-        self.orders = (spec.row_order, spec.col_order)  # held, so that their ids in the key stay theirs
         self.out = _out_basis(spec, spec.cells[0], dtype)
         self.inp = _in_basis(spec, spec.cells[1], dtype)
 
 
 def _bases(spec: Spectrum, dtype: torch.dtype) -> _Bases:
-    orders = tuple((id(o), o._version) if o is not None else None for o in (spec.row_order, spec.col_order))
-    key = (spec.out_features, spec.in_features, spec.transform, dtype, *orders)
+    key = (spec.out_features, spec.in_features, spec.transform, dtype)
     return _per_cells(spec, "bases", key, lambda: _Bases(spec, dtype))
 
 
