@@ -18,6 +18,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import spectral_peft
 from spectral_peft import spectral
+from spectral_peft.spectral import activation
+from spectral_peft.spectral.cache import Placement, PlacementCache, Workspace
 from spectral_peft.loca import LocaLinear
 from spectral_peft.spectral import (
     DELTA_PRODUCTS,
@@ -27,8 +29,8 @@ from spectral_peft.spectral import (
     delta_weight,
     dense_forward,
     random_cells,
-    resolve_moves,
 )
+from spectral_peft.loca.locations import resolve_moves
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,11 +217,11 @@ def test_coefficient_and_input_gradients_match_reference(dtype, shape, transform
 
 def test_blocks_hold_a_fixed_number_of_elements_but_never_fewer_than_the_floor_of_rows():
     cpu = torch.device("cpu")
-    narrow = spectral._row_blocks(4096, 384, cpu)  # 2^18 elements: 682 rows
+    narrow = activation.row_blocks(4096, 384, cpu)  # 2^18 elements: 682 rows
     assert [b.stop - b.start for b in narrow] == [682] * 6 + [4]
-    wide = spectral._row_blocks(1024, 5632, cpu)  # 46 rows would hold 2^18 elements; the floor is 128
+    wide = activation.row_blocks(1024, 5632, cpu)  # 46 rows would hold 2^18 elements; the floor is 128
     assert [b.stop - b.start for b in wide] == [128] * 8
-    assert spectral._row_blocks(1024, 5632, torch.device("meta")) == [slice(0, 1024)]  # not a CPU: one block
+    assert activation.row_blocks(1024, 5632, torch.device("meta")) == [slice(0, 1024)]  # not a CPU: one block
 
 
 @pytest.mark.parametrize("transform", ["dct", "dft"])
@@ -227,9 +229,9 @@ def test_blocks_hold_a_fixed_number_of_elements_but_never_fewer_than_the_floor_o
 @pytest.mark.parametrize("into_output", [False, True])
 def test_many_row_blocks_match_reference_with_every_gradient(transform, orders, into_output, monkeypatch):
     # blocks of 16 rows, 50 tokens: three full blocks and a short one, in every pass
-    monkeypatch.setattr(spectral, "_BLOCK_ELEMENTS", 1)
-    monkeypatch.setattr(spectral, "_BLOCK_MIN_ROWS", 16)
-    assert [b.stop - b.start for b in spectral._row_blocks(50, 9, torch.device("cpu"))] == [16, 16, 16, 2]
+    monkeypatch.setattr(activation, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(activation, "_BLOCK_MIN_ROWS", 16)
+    assert [b.stop - b.start for b in activation.row_blocks(50, 9, torch.device("cpu"))] == [16, 16, 16, 2]
     spec = make_spec(7, 9, n_coef=8, transform=transform, dtype=torch.float64, orders=orders, locations=True,
                      seed=3)
     x = torch.randn(50, 9, dtype=torch.float64, requires_grad=True)
@@ -255,15 +257,25 @@ def test_many_row_blocks_match_reference_with_every_gradient(transform, orders, 
     torch.testing.assert_close(blocked, spec.locations.grad, atol=1e-10, rtol=1e-8)
 
 
-def test_cell_structure_follows_cells_moved_in_place_and_is_dropped_with_them():
-    # Q's sparsity is kept per cells tensor between calls: moving the cells (in place, as LoCA does) rebuilds it
+def _kept(spec):
+    """``spec`` with a kept placement, as a layer gives it (a PlacementCache entry for adapter "a")."""
+    cache = PlacementCache()
+    spec.placement = cache("a", spec)
+    return cache
+
+
+def test_cell_structure_follows_cells_moved_in_place():
+    # Q's sparsity is kept with the placement between calls: moving the cells (in place, as LoCA does) rebuilds it
     spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, seed=4)
+    cache = _kept(spec)
     x = torch.randn(5, 9, dtype=torch.float64)
     first = apply_delta(x, spec)
-    assert (id(spec.cells), "structure") in spectral._PER_CELLS
+    assert ("structure", torch.float64) in spec.placement._built
     moved = random_cells((7, 9), 6, torch.Generator().manual_seed(99))
     assert not torch.equal(moved, spec.cells)
     spec.cells.copy_(moved)
+    assert not spec.placement.serves(spec)
+    spec.placement = cache("a", spec)
     second = apply_delta(x, spec)
     torch.testing.assert_close(second, x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
     assert (second - first).abs().max() > 1e-3
@@ -271,38 +283,56 @@ def test_cell_structure_follows_cells_moved_in_place_and_is_dropped_with_them():
     coefficients = spec.coefficients.detach().clone().requires_grad_(True)
     (x @ ref_of(spec, coefficients).T).sum().backward()
     torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
-    key = (id(spec.cells), "structure")
-    del spec, first, second
-    assert key not in spectral._PER_CELLS
 
 
 def test_activation_path_reorders_follow_orders_set_in_place_or_replaced():
-    # S2FT's composed reorders are kept per cells tensor between calls: new orders, copied in place (as
-    # set_orders and loading do) or given as new tensors, must be used while the cells stay put
+    # S2FT's composed reorders are kept with the placement: new orders, copied in place (as set_orders and loading
+    # do) or given as new tensors, must be used while the cells stay put
     spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, orders=True, seed=8)
+    cache = _kept(spec)
     x = torch.randn(5, 9, dtype=torch.float64)
     first = apply_delta(x, spec)
-    assert (id(spec.cells), "gathers") in spectral._PER_CELLS
+    assert ("gathers", x.device) in spec.placement._built
     spec.row_order.copy_(torch.randperm(7, generator=torch.Generator().manual_seed(5)))
+    spec.placement = cache("a", spec)
     in_place = apply_delta(x, spec)
     torch.testing.assert_close(in_place, x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
     assert (in_place - first).abs().max() > 1e-3
     spec.col_order = torch.randperm(9, generator=torch.Generator().manual_seed(6))
+    spec.placement = cache("a", spec)
     replaced = apply_delta(x, spec)
     torch.testing.assert_close(replaced, x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
     assert (replaced - in_place).abs().max() > 1e-3
 
 
+def test_a_placement_serves_only_the_cells_and_orders_it_was_built_for():
+    spec = make_spec(7, 9, n_coef=6, orders=True, seed=8)
+    placement = Placement(spec)
+    assert placement.serves(spec)
+    for name in ("cells", "row_order", "col_order"):
+        other = make_spec(7, 9, n_coef=6, orders=True, seed=8)
+        other.cells, other.row_order, other.col_order = spec.cells, spec.row_order, spec.col_order
+        setattr(other, name, getattr(spec, name).clone())  # equal values, another tensor
+        assert not placement.serves(other), name
+        getattr(spec, name).add_(0)  # the same tensor written in place
+        assert not placement.serves(spec), name
+        placement = Placement(spec)
+
+
+@pytest.mark.parametrize("path", ["activation", "factored"])
 @pytest.mark.parametrize("orders", [False, True])
-def test_structure_built_under_inference_mode_serves_training(orders):
-    # the first call of a layer may come under torch.inference_mode (evaluation before training): the cached
-    # structure's tensors are then inference tensors, which training must still be able to use
+def test_what_is_kept_from_a_call_under_inference_mode_serves_training(orders, path):
+    # the first call of a layer may come under torch.inference_mode (evaluation before training): the kept
+    # structure, reorders, bases and scratch buffers must still serve training afterwards, in the same thread
     spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, orders=orders, seed=6)
+    _kept(spec)
+    spec.workspace = Workspace()
+    product = DELTA_PRODUCTS[path]
     with torch.inference_mode():
-        apply_delta(torch.randn(4, 9, dtype=torch.float64), spec)
-    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(4, 7, dtype=torch.float64)
-    (apply_delta(x, spec) * r).sum().backward()
+        product(torch.randn(300, 9, dtype=torch.float64), spec)
+    x = torch.randn(300, 9, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(300, 7, dtype=torch.float64)
+    (product(x, spec) * r).sum().backward()
     x_ref = x.detach().clone().requires_grad_(True)
     coefficients = spec.coefficients.detach().clone().requires_grad_(True)
     ((x_ref @ ref_of(spec, coefficients).T) * r).sum().backward()
@@ -312,17 +342,18 @@ def test_structure_built_under_inference_mode_serves_training(orders):
 
 
 @pytest.mark.parametrize("orders", [False, True])
-def test_factored_bases_follow_moved_cells_and_new_orders_and_serve_training_after_inference_mode(orders):
-    # the basis vectors are kept per cells tensor: built under inference_mode, they must still serve training, and
-    # moving the cells in place (LoCA) or setting new orders in place (S2FT) must rebuild them
+def test_factored_bases_follow_moved_cells_and_new_orders(orders):
+    # the basis vectors are kept with the placement: moving the cells in place (LoCA) or setting new orders in place
+    # (S2FT) must rebuild them
     spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, orders=orders, seed=6)
+    cache = _kept(spec)
     x = torch.randn(4, 9, dtype=torch.float64)
-    with torch.inference_mode():
-        spectral.factored_forward(x, spec)
-    assert (id(spec.cells), "bases") in spectral._PER_CELLS
+    spectral.factored_forward(x, spec)
+    assert ("bases", torch.float64) in spec.placement._built
     spec.cells.copy_(random_cells((7, 9), 6, torch.Generator().manual_seed(99)))
     if orders:
         spec.row_order.copy_(torch.randperm(7, generator=torch.Generator().manual_seed(5)))
+    spec.placement = cache("a", spec)
     xx = x.clone().requires_grad_(True)
     r = torch.randn(4, 7, dtype=torch.float64)
     (spectral.factored_forward(xx, spec) * r).sum().backward()
@@ -353,10 +384,14 @@ def test_layers_reading_one_input_share_its_spectrum_and_match_reference(transfo
     # query, key and value of one input: different shapes and cells, one input transform in the forward pass
     specs = [make_spec(m, 10, n_coef=9, transform=transform, dtype=torch.float64, seed=seed)
              for seed, m in enumerate((10, 7, 13))]
+    workspace = Workspace()
+    for spec in specs:
+        spec.workspace = workspace
     x = torch.randn(4, 5, 10, dtype=torch.float64, requires_grad=True)
     calls = []
-    real = spectral._half_spectrum
-    monkeypatch.setattr(spectral, "_half_spectrum", lambda t, *args: calls.append(t.shape[-1]) or real(t, *args))
+    real = activation.half_spectrum
+    monkeypatch.setattr(activation, "half_spectrum",
+                        lambda t, *args, **kwargs: calls.append(t.shape[-1]) or real(t, *args, **kwargs))
     ys = [apply_delta(x, spec) for spec in specs]
     assert calls == [10]  # the input, once; no output is transformed in forward
     loss = sum(((y - 0.3) ** 2).sum() for y in ys)
@@ -377,36 +412,51 @@ def test_layers_reading_one_input_share_its_spectrum_and_match_reference(transfo
 def test_shared_spectrum_follows_in_place_changes_and_is_dropped_with_its_input():
     # shared in training (backward keeps it anyway); the coefficients' gradient turns that on
     spec = make_spec(6, 9, transform="dct", dtype=torch.float64)
+    spec.workspace = Workspace()
     assert spec.coefficients.requires_grad
     x = torch.randn(3, 9, dtype=torch.float64)
     apply_delta(x, spec)
     with torch.no_grad():
-        x.mul_(-2.0)  # same memory, new version
+        x.mul_(-2.0)  # same tensor, new version
     torch.testing.assert_close(apply_delta(x, spec), x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
-    assert spectral._SHARED_INPUT.entry is not None
+    assert spec.workspace._local.shared is not None
     del x
-    assert spectral._SHARED_INPUT.entry is None  # nothing of a freed input is kept
+    assert spec.workspace._local.shared is None  # nothing of a freed input is kept
 
 
 def test_inference_shares_nothing():
     # without gradients each block of rows is transformed where it is used: nothing whole-batch to share
     spec = make_spec(6, 9, transform="dct", dtype=torch.float64)
+    spec.workspace = Workspace()
     x = torch.randn(3, 9, dtype=torch.float64)
-    spectral._SHARED_INPUT.entry = None
     with torch.no_grad():
         torch.testing.assert_close(apply_delta(x, spec), x @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
-    assert spectral._SHARED_INPUT.entry is None
+    assert getattr(spec.workspace._local, "shared", None) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cast_inputs_never_share_a_spectrum(dtype):
-    # a half-precision input is cast to float32 on each call: the copy's memory is freed and may be handed to the
-    # next cast, so it must not key the shared entry (with both inputs alive, a stale hit would look the same)
+def test_cast_inputs_share_the_spectrum_of_their_own_input_only(dtype):
+    # a half-precision input is cast to float32 on each call: the shared spectrum belongs to the input the layer
+    # was called with, never to the memory of a cast that the next cast may reuse
     spec = make_spec(6, 9, transform="dct")
+    spec.workspace = Workspace()
     xs = [torch.randn(3, 9).to(dtype) for _ in range(3)]
     ys = [apply_delta(x, spec) for x in xs]
     for x, y in zip(xs, ys):
         torch.testing.assert_close(y.detach().float(), x.float() @ ref_of(spec).T.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_copied_or_pickled_layer_keeps_nothing_of_the_original():
+    import copy
+    import pickle
+
+    cache, workspace = PlacementCache(), Workspace()
+    spec = make_spec(6, 9)
+    cache("a", spec)
+    for copied in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert copied._placements == {}
+    for copied in (copy.deepcopy(workspace), pickle.loads(pickle.dumps(workspace))):
+        assert isinstance(copied, Workspace) and copied is not workspace
 
 
 def test_s2ft_column_orders_are_never_shared():

@@ -182,6 +182,8 @@ def compare_locations(layer, adapter_name: str, reference_dw: torch.Tensor, conf
     re-drawn from the ``location_seed`` in ``config`` (the adapter's PEFT config), are measured too: where
     learning started.
     """
+    from .loca import LocaLinear
+
     spectrum = layer.spectrum(adapter_name)
     if spectrum.transform != "dct":
         return None
@@ -200,7 +202,7 @@ def compare_locations(layer, adapter_name: str, reference_dw: torch.Tensor, conf
         "top_n_energy_share": share_at(power, best),
         "mean_distance": mean_distance(cells, best),
     }
-    if layer.learnable_locations and getattr(config, "location_seed", None) is not None:  # else not redrawable
+    if isinstance(layer, LocaLinear) and getattr(config, "location_seed", None) is not None:  # else not redrawable
         initial = layer.initial_cells(adapter_name, n, config).long().cpu()
         result.update({
             "initial_overlap": overlap(initial, best, n_cols) / n,
@@ -424,9 +426,10 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
                       help="with --tuned: comma list of module names (a name or the end of one, as PEFT matches); "
                            "default every Linear weight that changed, the head excluded")
     prior = parser.add_argument_group("gradient prior (S2FT's ordering before training)")
-    prior.add_argument("--prior", choices=("gradient", "none"), default="gradient",
-                       help="gradient: minus the summed gradient over --prior-batches training batches (default); "
-                            "none: skip it (no data needed)")
+    prior.add_argument("--prior", choices=("auto", "gradient", "none"), default="auto",
+                       help="gradient: minus the summed gradient over --prior-batches training batches; none: skip "
+                            "it (no data needed); auto (default): gradient when the data is known (--task, the "
+                            "run.json of --tuned/--adapter, or the default model's BBC News), else none")
     prior.add_argument("--prior-batches", type=int, default=4, help="batches for the prior (default 4)")
     prior.add_argument("--task", default=None,
                        help="as finetune's --task; default the run.json of --tuned/--adapter, else bbc-news")
@@ -485,7 +488,8 @@ def _settings(args: argparse.Namespace) -> dict:
     for key, default in defaults.items():
         given = getattr(args, key)
         settings[key] = given if given is not None else recorded.get(key, default)
-    settings["prior"] = args.prior
+    known_data = args.task is not None or "task" in recorded or args.base is None
+    settings["prior"] = args.prior if args.prior != "auto" else "gradient" if known_data else "none"
     settings["prior_batches"] = args.prior_batches
     return settings
 
@@ -615,7 +619,9 @@ def run_analyze(args: argparse.Namespace) -> int:
         kind, num_labels, label_names = task.kind, task.num_labels, task.label_names
     else:
         kind = LANGUAGE_MODELING if base_info.decoder else CLASSIFICATION
-        num_labels, label_names = 2 if kind == CLASSIFICATION else None, None
+        # no task: the head as the base checkpoint has it (its weights are not analysed)
+        num_labels = getattr(base_info.config, "num_labels", 2) if kind == CLASSIFICATION else None
+        label_names = None
     if args.adapter is not None and kind == CLASSIFICATION:
         # the adapter's saved head must fit the base's: its run.json, else the saved head's own size
         adapter_run = _run_json(args.adapter)
@@ -624,7 +630,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         elif _saved_head_labels(args.adapter) is not None:
             num_labels, label_names = _saved_head_labels(args.adapter), None
     torch.manual_seed(settings["seed"])  # the head's initialisation, as finetune draws it
-    base = load_base_model(base_info, kind, num_labels, tokenizer, label_names)
+    # the head is never analysed: one of another size than the checkpoint's is drawn fresh
+    base = load_base_model(base_info, kind, num_labels, tokenizer, label_names, fresh_head=True)
 
     deltas, layers, config, adapter_type = {}, {}, None, None
     if args.tuned is not None:

@@ -15,6 +15,19 @@ from peft.utils import CONFIG_NAME
 from .adapter_files import atomic_write, read_weights, take_written_checksum
 
 
+class MethodType(str):
+    """A method's PEFT type: a plain string (PEFT looks its mappings up by string) that also answers ``.value`` and
+    ``.name``, which PEFT reads on the members of its own ``PeftType`` enum (model cards, mixed models, errors)."""
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+
 def _is_str_list(value) -> bool:
     return isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value)
 
@@ -55,6 +68,11 @@ class SpectralConfig(PeftConfig):
         default_factory=dict,
         metadata={"help": "Per-module n_frequency overriding the default, keyed by module name or regex."},
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: coefficients start at zero, so the adapted model starts as the base model; False: "
+                  "standard normal (PEFT's convention for starting an adapter away from the identity)."},
+    )
     weights_checksum: Optional[str] = field(
         default=None,
         metadata={"help": "Set by save_pretrained: SHA-256 of the weights saved with this config, checked at load."},
@@ -62,7 +80,7 @@ class SpectralConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = self.PEFT_TYPE
+        self.peft_type = MethodType(self.PEFT_TYPE)
         name = type(self).__name__
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -96,6 +114,7 @@ class SpectralConfig(PeftConfig):
             "layers_pattern": (lambda v: v is None or isinstance(v, str) or _is_str_list(v), "None, a string or a list of strings"),
             "n_frequency_pattern": (lambda v: v is None or isinstance(v, dict), "a dict"),
             "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+            "init_weights": (lambda v: isinstance(v, bool), "true or false"),
             "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
             "bias": (lambda v: v in ("none", "all", prefix + "only"), f"'none', 'all' or '{prefix}only'"),
             "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "None or a string"),

@@ -243,15 +243,17 @@ def load_tokenizer(info: ModelInfo):
     return tokenizer
 
 
-def load_base_model(info: ModelInfo, task_kind: str, num_labels: Optional[int], tokenizer, label_names=None):
-    """The transformers model for the task: sequence classification, or causal LM for a text corpus."""
+def load_base_model(info: ModelInfo, task_kind: str, num_labels: Optional[int], tokenizer, label_names=None,
+                    fresh_head: bool = False):
+    """The transformers model for the task: sequence classification, or causal LM for a text corpus.
+    ``fresh_head``: a saved classification head of another size is replaced by a new one instead of refused."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {}
     if task_kind == CLASSIFICATION:
         loader = AutoModelForSequenceClassification.from_pretrained
-        kwargs = {"num_labels": num_labels}
+        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": fresh_head}
         if label_names is not None:
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}

@@ -19,7 +19,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .spectral import (
-    DELTA_PRODUCTS, TRANSFORMS, Spectrum, apply_delta, check_cells, check_permutation, choose_path, delta_weight,
+    DELTA_PRODUCTS, TRANSFORMS, PlacementCache, Spectrum, Workspace, apply_delta, check_cells, check_permutation,
+    choose_path, delta_weight,
 )
 from .transforms import COMPUTE_DTYPES
 
@@ -44,20 +45,19 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
 
     # set by each method
     prefix: str = ""
-    learnable_locations: bool = False  # LoCA: locations are float parameters with finite-difference gradients
     saves_locations: bool = True  # False where locations are re-drawn from a seed at load (FourierFT mode)
     has_orders: bool = False  # S2FT: row and column orderings
     default_transform: str = "dct"  # where the config has no `transform` field
+    # the per-adapter containers after the prefix: the trainable ones, and the other state PEFT moves and deletes
+    parameter_kinds: tuple = ("coefficients",)
+    state_kinds: tuple = ("locations", "shape", "scaling", "transform")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        p = cls.prefix
-        cls.adapter_layer_names = (p + "coefficients",) + ((p + "locations",) if cls.learnable_locations else ())
-        buffers = (() if cls.learnable_locations else (p + "locations",)) + (
-            (p + "row_order", p + "col_order") if cls.has_orders else ()
-        )
-        state = (p + "cells",) if cls.learnable_locations else ()
-        cls.other_param_names = buffers + state + (p + "shape", p + "scaling", p + "transform", p + "phase")
+        orders = ("row_order", "col_order") if cls.has_orders else ()
+        seed = () if cls.saves_locations else ("random_loc_seed",)
+        cls.adapter_layer_names = tuple(cls.prefix + kind for kind in cls.parameter_kinds)
+        cls.other_param_names = tuple(cls.prefix + kind for kind in cls.state_kinds + orders + seed)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = "", **kwargs) -> None:
         super().__init__()
@@ -70,14 +70,21 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         self.kwargs = kwargs
         # "auto" picks the cheapest of the activation, dense and factored paths; tests and benchmarks may force one.
         self.spectral_path = "auto"
+        # what the paths keep between calls: per adapter, and (shared by a tuner's layers) per thread
+        self._placements = PlacementCache()
+        self.workspace = Workspace()
 
+        self._create_containers()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # containers
+
+    def _create_containers(self) -> None:
         p = self.prefix
         setattr(self, p + "coefficients", nn.ParameterDict({}))
-        if self.learnable_locations:
-            setattr(self, p + "locations", nn.ParameterDict({}))
-            # the integer cells in use: the float locations are proposals checked against these
-            setattr(self, p + "cells", BufferDict({}, persistent=False))
-        else:
+        if "locations" not in self.parameter_kinds:  # fixed locations: integer cells
             setattr(self, p + "locations", BufferDict({}, persistent=self.saves_locations))
         if self.has_orders:
             setattr(self, p + "row_order", BufferDict({}, persistent=True))
@@ -86,16 +93,8 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         setattr(self, p + "shape", BufferDict({}, persistent=True))
         setattr(self, p + "scaling", {})
         setattr(self, p + "transform", {})
-        setattr(self, p + "phase", {})  # adapter -> (train_coefficients, train_locations)
-
-        if self.learnable_locations:
-            self.register_load_state_dict_post_hook(self._cells_from_loaded_locations)
-
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # containers
+        if not self.saves_locations:
+            setattr(self, p + "random_loc_seed", {})
 
     def _container(self, kind: str):
         return getattr(self, self.prefix + kind)
@@ -115,8 +114,8 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         raise NotImplementedError
 
     def initial_coefficients(self, n: int, config) -> torch.Tensor:
-        """Zero: the adapted model starts as the base model."""
-        return torch.zeros(n)
+        """Zero (``init_weights=True``): the adapted model starts as the base model; else standard normal."""
+        return torch.zeros(n) if config.init_weights else torch.randn(n)
 
     def update_layer(self, adapter_name: str, config, n_frequency: Optional[int] = None, **kwargs) -> None:
         n = config.n_frequency if n_frequency is None else n_frequency
@@ -141,22 +140,15 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         self._container("shape")[adapter_name] = torch.tensor([m, n_in])
         self._container("scaling")[adapter_name] = float(config.scaling)
         self._container("transform")[adapter_name] = transform
-        self._container("phase")[adapter_name] = (True, False)
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _set_cells(self, adapter_name: str, cells: torch.Tensor) -> None:
-        cells = cells.long()
-        if self.learnable_locations:
-            locations = self._container("locations")
-            if adapter_name in locations:
-                locations[adapter_name].data.copy_(cells.to(locations[adapter_name].dtype))
-            else:
-                locations[adapter_name] = nn.Parameter(cells.float())
-            self._container("cells")[adapter_name] = cells.to(locations[adapter_name].device)
-        else:
-            self._container("locations")[adapter_name] = cells.to(self._container("coefficients")[adapter_name].device)
+        # The integer cells live on the base weight's device, never on the parameters': under PEFT's
+        # low_cpu_mem_usage the parameters are created on "meta" and loaded later, and a buffer without data
+        # could never be moved or read.
+        self._container("locations")[adapter_name] = cells.long().to(self.get_base_layer().weight.device)
 
     def set_locations(self, adapter_name: str, cells: torch.Tensor) -> None:
         """Place the coefficients of ``adapter_name`` at ``cells`` ((2, n), distinct, inside the matrix)."""
@@ -192,71 +184,26 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
                 container[adapter_name] = item.to(device)
 
     # ----------------------------------------------------------------------------------------------------------
-    # learnable locations
-
-    def set_phase(self, adapter_name: str, train_coefficients: bool, train_locations: bool) -> None:
-        """Which parts of ``adapter_name`` get gradients (the others get zero gradients and do not move)."""
-        self._container("phase")[adapter_name] = (bool(train_coefficients), bool(train_locations and self.learnable_locations))
-
-    @torch.no_grad()
-    def commit_locations(self, adapter_name: str) -> torch.Tensor:
-        """Reconcile the float locations with the cells in use and return the cells, (2, n) long.
-
-        While locations train, a location whose rounded cell changed moves there unless the cell is taken (then it
-        is put back on its cell); outside location phases any drift is undone. Locations are clamped to the matrix.
-        Outside location phases a forward computes with the cells and leaves the floats to the next call here (the
-        schedule's step, saving).
-        """
-        if not self.learnable_locations:
-            return self._container("locations")[adapter_name]
-        from .spectral import resolve_moves
-
-        param = self._container("locations")[adapter_name]
-        cells = self._container("cells")[adapter_name]
-        if not torch.isfinite(param).all():
-            param.copy_(cells.to(param.dtype))
-            return cells
-        # clamp the floats themselves, not only their cells: a location pushed past a border would otherwise be
-        # saved outside the matrix (and refused at load) while it still computes with the border cell
-        param[0].clamp_(0, self.out_features - 1)
-        param[1].clamp_(0, self.in_features - 1)
-        proposed = param.round().long()
-        if torch.equal(proposed, cells):
-            return cells
-        _, train_locations = self._container("phase")[adapter_name]
-        if train_locations:
-            new_cells = resolve_moves(cells, proposed, self.shape)
-            refused = (new_cells != proposed).any(dim=0)
-            param[:, refused] = new_cells[:, refused].to(param.dtype)
-            cells.copy_(new_cells)
-        else:
-            param.copy_(cells.to(param.dtype))
-        return cells
-
-    # ----------------------------------------------------------------------------------------------------------
     # computing
 
     def spectrum(self, adapter_name: str) -> Spectrum:
-        train_coefficients, train_locations = self._container("phase")[adapter_name]
-        # Only a location phase reconciles the floats here: reading them back from a GPU would stall every layer
-        # call, and outside that phase the cells are what the adapter computes with.
-        if train_locations or not self.learnable_locations:
-            cells = self.commit_locations(adapter_name)
-        else:
-            cells = self._container("cells")[adapter_name]
-        return Spectrum(
+        """What adapter ``adapter_name`` contributes, with what this layer keeps for computing it."""
+        spec = Spectrum(
             coefficients=self._container("coefficients")[adapter_name],
-            cells=cells,
+            cells=self._spectrum_cells(adapter_name),
             out_features=self.out_features,
             in_features=self.in_features,
             scaling=self._container("scaling")[adapter_name],
             transform=self._container("transform")[adapter_name],
             row_order=self._container("row_order")[adapter_name] if self.has_orders else None,
             col_order=self._container("col_order")[adapter_name] if self.has_orders else None,
-            locations=self._container("locations")[adapter_name] if self.learnable_locations else None,
-            train_coefficients=train_coefficients,
-            train_locations=train_locations,
         )
+        if not torch.compiler.is_compiling():  # a compiled call computes what it needs in its graph
+            spec.placement, spec.workspace = self._placements(adapter_name, spec), self.workspace
+        return spec
+
+    def _spectrum_cells(self, adapter_name: str) -> torch.Tensor:
+        return self._container("locations")[adapter_name]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense update (out x in, float32) of one adapter, built with the 2-D inverse transform."""
@@ -299,11 +246,14 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
     def _path(self, tokens: int, spec: Spectrum, device: torch.device, folded: bool) -> str:
         """The path this call takes for ``spec``: ``spectral_path``, or with "auto" the cost model's choice."""
         if self.spectral_path == "auto":
-            return choose_path(tokens, spec, device, folded)
-        if self.spectral_path not in DELTA_PRODUCTS:
+            path = choose_path(tokens, spec, device, folded)
+        elif self.spectral_path in DELTA_PRODUCTS:
+            path = self.spectral_path
+        else:
             raise ValueError(f"{self.module_name}: spectral_path must be 'auto' or one of {sorted(DELTA_PRODUCTS)}, "
                              f"not {self.spectral_path!r}")
-        return self.spectral_path
+        # torch.compile traces the dense and factored paths whole; the activation path's sparse kernels do not trace
+        return "dense" if path == "activation" and torch.compiler.is_compiling() else path
 
     def _plain_call(self, args: tuple, kwargs: dict) -> bool:
         """Whether the base layer is a plain ``nn.Linear`` or ``Conv1D`` without hooks, called with the input alone:
@@ -410,7 +360,7 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         p = self.prefix
         expected = {"coefficients": "float", "shape": "int"}
         if self.saves_locations:
-            expected["locations"] = "float" if self.learnable_locations else "int"
+            expected["locations"] = "float" if p + "locations" in self.adapter_layer_names else "int"
         for kind, number in expected.items():
             value = state_dict.get(f"{prefix}{p}{kind}.{name}")
             if value is None:
@@ -420,20 +370,6 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
                 raise ValueError(f"{where}: {p}{kind} has shape {tuple(value.shape)}, expected {tuple(own.shape)}")
             if value.is_floating_point() != (number == "float") or value.is_complex() or value.dtype == torch.bool:
                 raise ValueError(f"{where}: {p}{kind} has dtype {value.dtype}, expected {number}")
-
-    @staticmethod
-    def _cells_from_loaded_locations(layer, incompatible_keys) -> None:
-        # runs after the containers (child modules) loaded: the cells in use become the loaded locations
-        with torch.no_grad():
-            for name, param in layer._container("locations").items():
-                layer._container("cells")[name] = param.round().long()
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # whatever the optimizer did since the last forward, what is saved is what the model computes with
-        if self.learnable_locations:
-            for name in self._adapter_names():
-                self.commit_locations(name)
-        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def __repr__(self) -> str:
         return f"{self.prefix.rstrip('_')}." + super().__repr__()

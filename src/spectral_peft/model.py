@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import warnings
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper
 from transformers.pytorch_utils import Conv1D
 
 from .adapter_files import SPECTRAL_PREFIXES
 from .layer import SpectralLinear, base_layer_shape
+from .spectral import Workspace
 
 
 class SpectralModel(BaseTuner):
@@ -47,12 +49,21 @@ class SpectralModel(BaseTuner):
         new_module = self.tuner_layer_cls(
             target, adapter_name, config=_with_n_frequency(config, n_frequency), module_name=current_key
         )
+        new_module.workspace = self.workspace  # one for all layers: those reading one input share its spectrum
         if adapter_name not in self.active_adapters:
             # an added adapter is not trainable until it is set active
             new_module.requires_grad_(False)
         self._check_file_state(new_module, current_key, adapter_name)
         self._replace_module(parent, target_name, new_module, target)
         undo.append(lambda: setattr(parent, target_name, target))
+
+    @property
+    def workspace(self) -> Workspace:
+        """Scratch buffers and the shared input spectrum of this model's layers (never saved or copied)."""
+        workspace = self.__dict__.get("_workspace")
+        if workspace is None:
+            workspace = self.__dict__["_workspace"] = Workspace()
+        return workspace
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         # all or nothing: when a target fails (n_frequency too large, an unsupported module, a bad tensor in the
@@ -148,10 +159,94 @@ class SpectralModel(BaseTuner):
             self._check_finite(adapter_names)
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear") -> None:
+        """Add ``adapter_name``, whose update is exactly ``sum_i weights[i] * dW_i`` of ``adapters``.
+
+        Sparse spectra add exactly: on each layer the new adapter holds the cells of all the given adapters (their
+        union; coefficients of a shared cell are summed). So it is as large as they are together. S2FT adapters
+        must share their row and column orders on every layer they both adapt, and FourierFT-mode adapters their
+        ``random_loc_seed`` (their locations are drawn from it again at load). The new adapter is not active;
+        ``set_adapter(adapter_name)`` uses it.
+        """
+        name = type(self).__name__
+        if combination_type != "linear":
+            raise ValueError(f"{name}.add_weighted_adapter: combination_type must be 'linear' (sparse spectra add "
+                             f"exactly, nothing to approximate), got {combination_type!r}")
+        if not adapters or len(weights) != len(adapters):
+            raise ValueError(f"{name}.add_weighted_adapter: give one weight per adapter, got {len(adapters)} adapters "
+                             f"and {len(weights)} weights")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"{name}.add_weighted_adapter: no adapter named {', '.join(map(repr, unknown))}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"{name}.add_weighted_adapter: an adapter named {adapter_name!r} already exists")
+        configs = [self.peft_config[a] for a in adapters]
+        for field in ("transform", "random_loc_seed"):  # what fixes the basis the coefficients are in
+            values = {getattr(c, field, None) for c in configs}
+            if len(values) > 1:
+                raise ValueError(f"{name}.add_weighted_adapter: the adapters' {field} differ ({sorted(map(str, values))});"
+                                 " their spectra cannot be added")
+        wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)
+                    and sum(a in m.modules_to_save for a in adapters) > 1]
+        if wrappers:
+            raise ValueError(f"{name}.add_weighted_adapter: {len(wrappers)} modules_to_save are trained by more than "
+                             "one of the adapters, and whole modules cannot be added")
+        placements = {}
+        for layer in (m for m in self.model.modules() if isinstance(m, SpectralLinear)):
+            parts = [(layer.spectrum(a), w) for a, w in zip(adapters, weights) if a in layer._container("coefficients")]
+            if parts:
+                placements[layer] = _weighted_sum(layer, parts, configs[0].scaling)
+        n_max = max((cells.shape[1] for cells, _, _ in placements.values()), default=configs[0].n_frequency)
+        self.peft_config[adapter_name] = dataclasses.replace(
+            configs[0], target_modules=_union_targets(name, configs), n_frequency=n_max, init_weights=True,
+            n_frequency_pattern={re.escape(layer.module_name): cells.shape[1]
+                                 for layer, (cells, _, _) in placements.items() if cells.shape[1] != n_max},
+        )
+        self.inject_adapter(self.model, adapter_name)
+        with torch.no_grad():
+            for layer, (cells, coefficients, orders) in placements.items():
+                layer._set_cells(adapter_name, cells)
+                if orders is not None:
+                    layer.set_orders(adapter_name, *orders)
+                layer._container("coefficients")[adapter_name].copy_(coefficients)
+
 
 def _tensors(module, prefix: str = "") -> dict:
     """Parameters and buffers by state-dict key (without state_dict()'s side effects)."""
     return {**dict(module.named_parameters(prefix.rstrip("."))), **dict(module.named_buffers(prefix.rstrip(".")))}
+
+
+def _weighted_sum(layer: SpectralLinear, parts: list, scaling: float):
+    """(cells, coefficients, orders) of ``sum weight * dW`` over ``parts`` [(spectrum, weight)] of one layer, in
+    ``scaling``: the union of their cells (the largest adapter's first, in its order), coefficients of a shared
+    cell summed."""
+    orders = {(None if s.row_order is None else tuple(s.row_order.tolist()),
+               None if s.col_order is None else tuple(s.col_order.tolist())) for s, _ in parts}
+    if len(orders) > 1:
+        raise ValueError(f"add_weighted_adapter: module '{layer.module_name}': the adapters order its rows and columns "
+                         "differently (S2FT), so their spectra are in different bases and cannot be added")
+    parts = sorted(parts, key=lambda part: -part[0].cells.shape[1])
+    cells = torch.cat([s.cells for s, _ in parts], dim=1)
+    scale = scaling if scaling else 1.0
+    values = torch.cat([s.coefficients.detach().float() * (w * s.scaling / scale) for s, w in parts])
+    flat = cells[0] * layer.in_features + cells[1]
+    unique, slot = torch.unique(flat, return_inverse=True)
+    first = torch.full_like(unique, flat.numel()).scatter_reduce_(0, slot, torch.arange(flat.numel(), device=flat.device), "amin")
+    order = torch.argsort(first)  # the union in order of first appearance
+    summed = values.new_zeros(unique.numel()).index_add_(0, slot, values)
+    spec = parts[0][0]
+    kept_orders = None if spec.row_order is None else (spec.row_order, spec.col_order)
+    return cells[:, first[order]], summed[order], kept_orders
+
+
+def _union_targets(name: str, configs):
+    targets = [c.target_modules for c in configs]
+    if all(isinstance(t, str) for t in targets):
+        return "|".join(f"({t})" for t in targets)
+    if all(isinstance(t, (set, list)) for t in targets):
+        return set().union(*targets)
+    raise ValueError(f"{name}.add_weighted_adapter: the adapters' target_modules mix regular expressions and lists")
 
 
 def _with_n_frequency(config, n_frequency):

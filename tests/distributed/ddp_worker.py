@@ -1,4 +1,5 @@
-"""One training run of LoCA or S2FT on a tiny BERT, under torchrun (DistributedDataParallel, gloo) or alone.
+"""One training run of LoCA, S2FT or the FourierFT mode on a tiny BERT, under torchrun (DistributedDataParallel or
+FSDP2's fully_shard, gloo) or alone.
 
 Written against the public API only, as a user's script would be:
 
@@ -6,6 +7,7 @@ Written against the public API only, as a user's script would be:
     python tests/distributed/ddp_worker.py --method loca --output OUT          # one process, same global batch
     accelerate launch --multi_gpu --num_processes 2 tests/distributed/ddp_worker.py --method loca --accelerate \
         --output OUT    # accelerate's Accelerator(cpu=True) and prepare() (gloo, DistributedDataParallel) on CPU
+    torchrun --nproc_per_node 2 tests/distributed/ddp_worker.py --method loca --fsdp2 --output OUT
 
 Every rank writes ``OUT/rank<R>.pt``: the loss of every step (the mean over the global batch), the adapter state and
 the cells of every LoCA layer. Rank 0 also saves the adapter (``OUT/adapter``) and the logits it gives on a fixed
@@ -21,6 +23,7 @@ import pathlib
 import torch
 import torch.distributed as dist
 from peft import get_peft_model
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -56,10 +59,11 @@ def loca_cells(model) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=("loca", "s2ft"), required=True)
+    parser.add_argument("--method", choices=("loca", "s2ft", "fastfourierft"), required=True)
     parser.add_argument("--prior", choices=("gradient", "lora"), default="gradient")
     parser.add_argument("--output", required=True)
     parser.add_argument("--accelerate", action="store_true", help="set up and wrap with accelerate's Accelerator")
+    parser.add_argument("--fsdp2", action="store_true", help="shard with FSDP2's fully_shard instead of DDP")
     args = parser.parse_args()
     torch.set_num_threads(1)
     accelerator = None
@@ -78,20 +82,36 @@ def main() -> None:
         config = spectral_peft.LocaConfig(coefficient_steps=3, location_steps=5, location_learning_steps=40,
                                           location_seed=0, **common)
         model = get_peft_model(build_base(), config)
-        groups = spectral_peft.loca_param_groups(model, lr=1e-2, location_lr=0.5)
+    elif args.method == "fastfourierft":
+        model = get_peft_model(build_base(), spectral_peft.FastFourierFTConfig(init_weights=True, **common))
     else:
         config = spectral_peft.S2FTConfig(prior=args.prior, prior_batches=2, prior_steps=5, **common)
         prior_batches = [shard(global_batch(-1 - i), rank, world) for i in range(2)]
         model = spectral_peft.prepare_s2ft(build_base(), config, prior_batches)
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}]
     initial_cells = loca_cells(model)
     model.train()
+    fsdp2 = args.fsdp2 and distributed
+    if fsdp2:  # before the optimizer: fully_shard replaces the parameters by their shards
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.base_model.model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if args.method == "loca":
+        groups = spectral_peft.loca_param_groups(model, lr=1e-2, location_lr=0.5)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad],
+                   "lr": 1e-3 if args.method == "fastfourierft" else 1e-2}]
     optimizer = torch.optim.Adam(groups)
     if accelerator is not None:
         trained, optimizer = accelerator.prepare(model, optimizer)
         if distributed:  # what accelerate made of the launch: gloo on CPU, the model in DistributedDataParallel
             assert accelerator.distributed_type.name == "MULTI_CPU", accelerator.distributed_type
             assert isinstance(trained, DistributedDataParallel) and dist.get_backend() == "gloo"
+    elif fsdp2:
+        trained = model
     else:
         trained = DistributedDataParallel(model) if distributed else model  # default arguments, as accelerate uses
     schedule = spectral_peft.LocaSchedule(trained) if args.method == "loca" else None
@@ -110,15 +130,19 @@ def main() -> None:
             mean /= world
         losses.append(float(mean))
 
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if "base_layer" not in k}
+    # FSDP2 holds each rank's shard of a parameter: the whole one is gathered (a collective, on every rank)
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v for k, v in full.items() if "base_layer" not in k}
     output.mkdir(parents=True, exist_ok=True)
     torch.save({"losses": losses, "state": state, "cells": loca_cells(model), "initial_cells": initial_cells},
                output / f"rank{rank}.pt")
+    model.eval()
+    with torch.no_grad():  # under FSDP2 every rank takes part in a forward pass
+        logits = model(input_ids=global_batch(10_000)["input_ids"]).logits if fsdp2 or rank == 0 else None
     if rank == 0:
-        model.save_pretrained(output / "adapter")
-        model.eval()
-        with torch.no_grad():
-            torch.save(model(input_ids=global_batch(10_000)["input_ids"]).logits, output / "logits.pt")
+        # PEFT's save takes the gathered state under FSDP2 (its own state_dict() call would gather on rank 0 alone)
+        model.save_pretrained(output / "adapter", state_dict=full if fsdp2 else None)
+        torch.save(logits, output / "logits.pt")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

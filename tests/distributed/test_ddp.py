@@ -1,5 +1,6 @@
-"""LoCA and S2FT under real torch.distributed: torchrun, 2 processes, gloo on CPU, DistributedDataParallel with its
-default arguments, 60 steps through LoCA's location phases (the worker script is written against the public API)."""
+"""LoCA, S2FT and the FourierFT mode under real torch.distributed: torchrun, 2 processes, gloo on CPU,
+DistributedDataParallel with its default arguments or FSDP2's fully_shard, 60 steps through LoCA's location phases
+(the worker script is written against the public API)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ RUNS = {"loca": ("--method", "loca"), "s2ft-gradient-prior": ("--method", "s2ft"
         # accelerate launch with a CPU config (--cpu, or distributed_type MULTI_CPU) starts one process unless it
         # is given an MPI hostfile (mpirun); --multi_gpu starts torch.distributed.run's processes, and on a machine
         # without GPUs the script's Accelerator(cpu=True) makes them MULTI_CPU with gloo
-        "loca-accelerate": ("--method", "loca", "--accelerate")}
+        "loca-accelerate": ("--method", "loca", "--accelerate"),
+        # FSDP2 shards every parameter (LoCA's locations too) between steps; the schedule moves them on the whole
+        "loca-fsdp2": ("--method", "loca", "--fsdp2"),
+        "s2ft-fsdp2": ("--method", "s2ft", "--prior", "gradient", "--fsdp2"),
+        "fastfourierft-fsdp2": ("--method", "fastfourierft", "--fsdp2")}
 LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node=2"],
              "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                             "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]}
@@ -54,13 +59,14 @@ def test_every_rank_holds_the_same_adapter(name, tmp_path_factory):
         assert torch.equal(value, second["state"][key]), key
     for layer, cells in first["cells"].items():
         assert torch.equal(cells, second["cells"][layer]), layer
-    if name == "loca":  # the run went through location phases and locations moved
+    if name.startswith("loca"):  # the run went through location phases and locations moved
         moved = sum(int((cells != first["initial_cells"][layer]).any(dim=0).sum())
                     for layer, cells in first["cells"].items())
         assert moved > 0
 
 
-@pytest.mark.parametrize("name", ["loca", "s2ft-gradient-prior", "loca-accelerate"])
+@pytest.mark.parametrize("name", ["loca", "s2ft-gradient-prior", "loca-accelerate", "loca-fsdp2", "s2ft-fsdp2",
+                                  "fastfourierft-fsdp2"])
 def test_the_loss_follows_one_process_with_the_same_global_batch(name, tmp_path_factory):
     run = runs(name, tmp_path_factory)
     ddp = torch.tensor(run["ranks"][0]["losses"], dtype=torch.float64)

@@ -15,7 +15,7 @@ import spectral_peft
 from spectral_peft import LocaCallback, LocaSchedule, loca_param_groups
 from spectral_peft.loca import LocaLinear
 from spectral_peft.loca.schedule import phase_at
-from spectral_peft.spectral import resolve_moves
+from spectral_peft.loca.locations import resolve_moves
 
 from ..conftest import build_bert, make_input_ids
 
