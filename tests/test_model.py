@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import spectral_peft
 from spectral_peft.layer import SpectralLinear
 
-from .conftest import build_bert, make_input_ids
+from .conftest import build_bert, make_input_ids, rewrite_adapter_weights
 
 CONFIGS = {
     "loca": spectral_peft.LocaConfig,
@@ -91,7 +91,7 @@ def test_a_failed_load_adapter_loads_nothing_and_removes_the_added_adapter(metho
     # the last adapted layer's coefficients turn NaN: the layers before it must not have loaded either
     key = sorted(k for k in tensors if "layer.1.attention.self.value" in k and "_coefficients" in k)[0]
     tensors[key][3] = float("nan")
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    rewrite_adapter_weights(tmp_path, tensors)
 
     model = trained(method)
     ids = make_input_ids()
@@ -129,7 +129,7 @@ def test_an_adapter_file_missing_a_tensor_is_refused(method, dropped, tmp_path):
     tensors = load_file(str(path))
     key = next(k for k in tensors if "layer.0.attention.self.query" in k and k.endswith(dropped))
     del tensors[key]
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    rewrite_adapter_weights(tmp_path, tensors)
     with pytest.raises(ValueError, match=rf"layer\.0\.attention\.self\.query'.*saved adapter has .* but no {dropped}"):
         PeftModel.from_pretrained(build_bert(0), tmp_path)
 

@@ -4,7 +4,6 @@ Importing the package registers its methods with stock PEFT, so ``get_peft_model
 ``PeftModel.from_pretrained`` and the rest work as for PEFT's own methods.
 """
 
-from .adapter_files import install_writer
 from .fourierft import FastFourierFTConfig, FastFourierFTModel
 from .loca import LocaCallback, LocaConfig, LocaModel, LocaSchedule, loca_param_groups
 from .model import register_method
@@ -13,7 +12,6 @@ from .s2ft import S2FTConfig, S2FTModel, nearest_neighbor_order, prepare_s2ft
 register_method(LocaConfig, LocaModel)
 register_method(S2FTConfig, S2FTModel)
 register_method(FastFourierFTConfig, FastFourierFTModel)
-install_writer()
 
 __version__ = "0.1.0"
 

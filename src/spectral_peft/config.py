@@ -6,13 +6,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from peft.config import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import CONFIG_NAME
 
-from .adapter_files import atomic_write, read_weights, take_written_checksum
+from .adapter_files import atomic_write, checksum_of_folder
 
 
 class MethodType(str):
@@ -34,9 +34,14 @@ def _is_str_list(value) -> bool:
 
 @dataclass
 class SpectralConfig(PeftConfig):
-    """Base configuration of a sparse-spectrum adapter. Methods subclass it and set ``PEFT_TYPE``."""
+    """Base configuration of a sparse-spectrum adapter. Methods subclass it and set ``PEFT_TYPE``.
+
+    ``loaded_from`` (not a field, never saved): the local folder :meth:`from_pretrained` read this config from, whose
+    weights the tuner checks against the model before wrapping it; None otherwise.
+    """
 
     PEFT_TYPE = ""
+    loaded_from: ClassVar[Optional[str]] = None  # set per instance; ClassVar keeps it out of the saved fields
 
     n_frequency: int = field(default=1000, metadata={"help": "Trainable spectral coefficients per target matrix."})
     scaling: float = field(default=1.0, metadata={"help": "Multiplier of the weight change dW."})
@@ -142,8 +147,9 @@ class SpectralConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """PEFT's, with errors naming the file, and (for a local folder) the weights read and checked now, before
-        the model is touched; the tuner checks them against each target module as it wraps it."""
+        """PEFT's, with errors naming the file. For a local folder the config remembers it (``loaded_from``, not
+        saved): the tuner reads the weights beside it and checks them against each target module before it wraps
+        anything."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         config_file = os.path.join(folder, CONFIG_NAME)
         local = os.path.isfile(config_file)
@@ -153,26 +159,17 @@ class SpectralConfig(PeftConfig):
             if not local:
                 raise
             raise ValueError(f"{config_file}: {error}") from None
-        if local:
-            path, tensors = read_weights(folder, config.weights_checksum)
-            own = PEFT_TYPE_TO_PREFIX_MAPPING[config.peft_type]
-            others = sorted({p for key in tensors for p in PEFT_TYPE_TO_PREFIX_MAPPING.values()
-                             if p != own and key.rsplit(".", 1)[-1].startswith(p)})
-            if others or not any(key.rsplit(".", 1)[-1].startswith(own) for key in tensors):
-                held = f"holds {', '.join(others)} tensors" if others else f"holds no {own} tensors"
-                raise ValueError(f"{path} {held} but {config_file} says peft_type {config.peft_type!r}")
-            # taken (and dropped) by SpectralModel.inject_adapter; not a dataclass field, so never saved
-            config._adapter_file = (path, tensors)
+        config.loaded_from = folder if local else None
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """PEFT's layout, written to a temporary file and renamed into place."""
+        """PEFT's layout, written to a temporary file and renamed into place, with the checksum of the weights PEFT
+        has just written beside it (``weights_checksum``), so that weights without their config never load."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)
         output = {k: list(v) if isinstance(v, set) else v for k, v in self.to_dict().items()}
-        # PEFT writes the weights first: tie this config to them, so weights without their config never load
-        output["weights_checksum"] = take_written_checksum(save_directory)
+        output["weights_checksum"] = checksum_of_folder(save_directory)
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import warnings
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper
+from peft.utils import CONFIG_NAME, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper
 from transformers.pytorch_utils import Conv1D
 
-from .adapter_files import SPECTRAL_PREFIXES
+from .adapter_files import holds_tensors_of, read_weights
 from .layer import SpectralLinear, base_layer_shape
 from .spectral import Workspace
 
@@ -70,10 +71,12 @@ class SpectralModel(BaseTuner):
         # adapter file being loaded), the targets already wrapped or given the adapter are put back, so the model
         # is left as it was; a failing PeftModel.from_pretrained leaves the user's base model unwrapped
         self._undo_injection = []
-        # the adapter file SpectralConfig.from_pretrained read: checked against each module as it is wrapped
-        self._loading = self.peft_config[adapter_name].__dict__.pop("_adapter_file", None)
+        config = self.peft_config[adapter_name]
+        # the weights beside a config read from a folder: checked whole, then against each module as it is wrapped
+        self._loading = None
         try:
-            if self._loading is not None:
+            if getattr(config, "loaded_from", None) is not None:
+                self._loading = self._read_adapter_file(config)
                 self._check_file_against_model(model, adapter_name)
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
@@ -83,6 +86,19 @@ class SpectralModel(BaseTuner):
         finally:
             self._undo_injection = []
             self._loading = None
+
+    def _read_adapter_file(self, config) -> tuple[str, dict]:
+        """(path, tensors) of the weights beside ``config``, read once and checked: readable, the checksum the
+        config recorded, this method's tensors and no other method's. The config is then done with its folder."""
+        folder, config.loaded_from = config.loaded_from, None
+        path, tensors = read_weights(folder, config.weights_checksum)
+        own = self.prefix
+        others = sorted({p for p in PEFT_TYPE_TO_PREFIX_MAPPING.values() if p != own and holds_tensors_of(tensors, p)})
+        if others or not holds_tensors_of(tensors, own):
+            held = f"holds {', '.join(others)} tensors" if others else f"holds no {own} tensors"
+            raise ValueError(f"{path} {held} but {os.path.join(folder, CONFIG_NAME)} says peft_type "
+                             f"{config.peft_type!r}")
+        return path, tensors
 
     def _check_file_against_model(self, model, adapter_name) -> None:
         # before anything is wrapped: the file's spectral tensors belong to modules this config targets, and its
@@ -263,4 +279,3 @@ def register_method(config_cls, tuner_cls) -> None:
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = tuner_cls.prefix
-    SPECTRAL_PREFIXES.add(tuner_cls.prefix)

@@ -7,13 +7,13 @@ import re
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from spectral_peft import LocaConfig
 from spectral_peft.loca import LocaLinear
 
-from ..conftest import BERT, LLAMA, make_input_ids
+from ..conftest import BERT, LLAMA, make_input_ids, rewrite_adapter_weights
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query"
 
@@ -198,7 +198,7 @@ def saved_bert_adapter(tmp_path):
 
 
 def _rewrite(path, tensors):
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    rewrite_adapter_weights(path.parent, tensors)
 
 
 def test_untampered_file_loads(saved_bert_adapter):
