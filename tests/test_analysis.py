@@ -1,13 +1,29 @@
-"""spectral_peft.analysis.spectral_energy against a direct scipy / numpy computation."""
+"""spectral_peft.analysis: spectral_energy against a direct scipy / numpy computation, and the measures of a weight
+change (each against a direct computation on small matrices with known answers)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import scipy.fft
 import torch
 
-from spectral_peft.analysis import spectral_energy
+from spectral_peft.analysis import (
+    analyze_matrix,
+    compare_locations,
+    error_from_share,
+    flatness_of,
+    mean_distance,
+    overlap,
+    power_spectrum,
+    share_at,
+    spectral_energy,
+    spectral_flatness,
+    svd_errors,
+    top_power_cells,
+)
 
 
 def reference_energy(matrix: np.ndarray, k: int, transform: str, row_order=None, col_order=None) -> float:
@@ -156,3 +172,134 @@ def test_bad_input_raises_value_error(matrix, k, transform):
 def test_orders_must_be_permutations(order, message, which):
     with pytest.raises(ValueError, match=rf"{which}.*{message}"):
         spectral_energy(torch.randn(6, 6), 3, **{which: order})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measures of a weight change
+
+
+def from_dct(spectrum: np.ndarray) -> torch.Tensor:
+    """The matrix whose orthonormal 2-D DCT-II is ``spectrum``."""
+    return torch.from_numpy(scipy.fft.idctn(spectrum, type=2, norm="ortho"))
+
+
+def dct_atoms(shape, cells, values) -> torch.Tensor:
+    spectrum = np.zeros(shape)
+    for (r, c), v in zip(cells, values):
+        spectrum[r, c] = v
+    return from_dct(spectrum)
+
+
+def test_svd_error_of_a_rank_one_matrix_is_zero_and_of_rank_two_known():
+    u, v = torch.randn(12, 1, dtype=torch.float64), torch.randn(1, 9, dtype=torch.float64)
+    assert svd_errors(u @ v, [1, 2, 5]) == pytest.approx([0.0, 0.0, 0.0], abs=1e-7)
+    # singular values 3 and 1 on orthonormal vectors: the best rank-1 error is 1 / sqrt(10)
+    q1, _ = torch.linalg.qr(torch.randn(12, 2, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(9, 2, dtype=torch.float64))
+    matrix = 3 * q1[:, :1] @ q2[:, :1].T + q1[:, 1:] @ q2[:, 1:].T
+    assert svd_errors(matrix, [1, 2]) == pytest.approx([1 / math.sqrt(10), 0.0], abs=1e-7)
+
+
+def test_a_matrix_of_k_dct_atoms_is_captured_by_k_coefficients_and_its_spectrum_is_not_flat():
+    shape, cells, values = (16, 24), [(0, 0), (3, 7), (15, 23), (8, 1)], [4.0, -3.0, 2.0, 1.0]
+    matrix = dct_atoms(shape, cells, values)
+    result = analyze_matrix(matrix, ranks=(1, 2), fractions=(4 / 384, 3 / 384))
+    assert result["energy"]["dct"]["original"] == pytest.approx([1.0, 1 - 1 / 30], abs=1e-9)
+    assert spectral_flatness(matrix) < 1e-6
+    assert {tuple(c) for c in top_power_cells(power_spectrum(matrix), 4).T.tolist()} == set(cells)
+    # budget r(M+N) = 40 >= 4 coefficients: the top-P DCT approximation is exact; a rank-1 one is not
+    first = result["errors"][0]
+    assert first["budget"] == 40 and first["dct_top"] == pytest.approx(0.0, abs=1e-7) and first["svd"] > 0.1
+
+
+def test_flatness_of_a_flat_spectrum_is_one_and_of_white_noise_the_chi_squared_value():
+    signs = np.where(np.random.default_rng(0).random((20, 30)) < 0.5, -1.0, 1.0)
+    assert spectral_flatness(from_dct(signs)) == pytest.approx(1.0, abs=1e-9)
+    noise = torch.randn(256, 256, dtype=torch.float64)
+    gamma = 0.5772156649
+    assert spectral_flatness(noise, "dct") == pytest.approx(math.exp(-gamma) / 2, abs=0.01)
+    assert spectral_flatness(noise, "dft") == pytest.approx(math.exp(-gamma), abs=0.01)
+    assert flatness_of(torch.zeros(3, 3)) == 0.0
+
+
+def test_error_at_fixed_locations_equals_the_least_squares_fit_on_those_atoms():
+    """The optimal coefficients on a fixed support, fitted directly by least squares over the DCT atoms."""
+    shape = (6, 5)
+    matrix = torch.randn(*shape, dtype=torch.float64)
+    cells = torch.tensor([[0, 2, 5, 3, 1], [0, 4, 1, 3, 2]])
+    atoms = np.stack([dct_atoms(shape, [(int(r), int(c))], [1.0]).numpy().ravel() for r, c in cells.T])
+    coef, *_ = np.linalg.lstsq(atoms.T, matrix.numpy().ravel(), rcond=None)
+    direct = np.linalg.norm(matrix.numpy().ravel() - atoms.T @ coef) / np.linalg.norm(matrix.numpy())
+    assert error_from_share(share_at(power_spectrum(matrix), cells)) == pytest.approx(direct, rel=1e-9)
+
+
+def test_random_locations_of_a_flat_matrix_keep_their_share_of_entries():
+    result = analyze_matrix(torch.randn(64, 64, dtype=torch.float64), ranks=(4,))
+    budget = result["errors"][0]["budget"]
+    expected = math.sqrt(1 - budget / 64**2)
+    assert result["errors"][0]["dct_random"] == pytest.approx(expected, abs=0.02)
+
+
+def smooth(m: int, n: int) -> torch.Tensor:
+    i = torch.linspace(0, 1, m, dtype=torch.float64)[:, None]
+    j = torch.linspace(0, 1, n, dtype=torch.float64)[None, :]
+    return torch.sin(3 * i + 2 * j) + torch.cos(4 * i * j) + i * j
+
+
+def test_a_shuffled_smooth_matrix_is_flat_and_its_own_ordering_makes_it_sparse_again():
+    m, n = 48, 40
+    generator = torch.Generator().manual_seed(0)
+    clean = smooth(m, n)
+    shuffled = clean[torch.randperm(m, generator=generator)][:, torch.randperm(n, generator=generator)]
+    k = round(0.01 * m * n)
+    result = analyze_matrix(shuffled, prior=clean * 0 + shuffled, fractions=(0.01,), ranks=(1,))
+    smooth_share = analyze_matrix(clean, fractions=(0.01,), ranks=(1,))["energy"]["dct"]["original"][0]
+    energy = result["energy"]["dct"]
+    assert smooth_share > 0.99 and k == 19
+    assert energy["original"][0] < 0.9 < energy["self"][0]
+    assert energy["prior"][0] == pytest.approx(energy["self"][0])  # the prior is the matrix itself here
+    assert abs(energy["random"][0] - energy["original"][0]) < 0.2  # shuffling a shuffle keeps it shuffled
+
+
+def test_top_power_cells_of_the_dft_keep_one_cell_of_each_conjugate_pair():
+    # a real cosine along the rows: its DFT power sits in the conjugate pair (3, 0) and (13, 0), one atom
+    i = torch.arange(16, dtype=torch.float64)[:, None]
+    power = power_spectrum(torch.cos(2 * torch.pi * 3 * i / 16).expand(16, 8).contiguous(), "dft")
+    assert top_power_cells(power, 1, "dft").T.tolist() == [[3, 0]]
+    assert {tuple(c) for c in top_power_cells(power, 2).T.tolist()} == {(3, 0), (13, 0)}
+    assert (13, 0) not in {tuple(c) for c in top_power_cells(power, 2, "dft").T.tolist()}
+    # S2FT's top_cells takes the spectrum itself and picks the same cells
+    from spectral_peft.analysis import transform_2d
+    from spectral_peft.s2ft import top_cells
+
+    spectrum = transform_2d(torch.cos(2 * torch.pi * 3 * i / 16).expand(16, 8).contiguous(), "dft")
+    assert torch.equal(top_cells(spectrum, 5, "dft"), top_power_cells(power, 5, "dft"))
+
+
+def test_overlap_and_distance_of_cell_sets():
+    a = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    b = torch.tensor([[0, 1, 5], [0, 2, 5]])
+    assert overlap(a, b, n_cols=6) == 1
+    # (0,0) -> itself 0; (1,1) -> (1,2) 1; (2,2) -> (1,2) 1
+    assert mean_distance(a, b) == pytest.approx(2 / 3)
+
+
+def test_locations_of_a_loca_layer_against_a_reference(tiny_bert):
+    """Locations placed on the reference's top-n cells overlap it fully; the initial draw is redrawn exactly."""
+    from peft import get_peft_model
+
+    import spectral_peft
+
+    config = spectral_peft.LocaConfig(target_modules=["query"], n_frequency=20, location_seed=3)
+    model = get_peft_model(tiny_bert, config)
+    name = "bert.encoder.layer.0.attention.self.query"
+    layer = model.base_model.model.get_submodule(name)
+    initial = layer.spectrum("default").cells.clone()
+    reference = torch.randn(32, 32, dtype=torch.float64)
+    best = top_power_cells(power_spectrum(reference), 20)
+    layer.set_locations("default", best)
+    result = compare_locations(layer, "default", reference, config)
+    assert result["overlap"] == 1.0 and result["mean_distance"] == 0.0 and result["moved"] == 1.0 - overlap(
+        best, initial, 32) / 20
+    assert result["energy_share"] == pytest.approx(result["top_n_energy_share"])
+    assert result["initial_energy_share"] == pytest.approx(share_at(power_spectrum(reference), initial))

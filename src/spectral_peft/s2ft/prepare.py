@@ -13,7 +13,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..analysis import permute, transform_2d
+from ..analysis import permute, top_power_cells, transform_2d
 from ..transforms import COMPUTE_DTYPES
 from .config import S2FTConfig
 from .layer import S2FTLinear
@@ -180,17 +180,9 @@ def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[
 
 
 def top_cells(spectrum: torch.Tensor, n: int, transform: str) -> torch.Tensor:
-    """The ``n`` cells of largest magnitude as (2, n) long; for the DFT one cell of each conjugate pair."""
-    power = spectrum.abs().pow(2)
-    m, n_cols = power.shape
-    if transform == "dft":
-        # a real matrix's DFT has |F[r, c]| = |F[-r, -c]|, and both cells give the same real atom
-        rows = torch.arange(m)[:, None]
-        cols = torch.arange(n_cols)[None, :]
-        canonical = rows * n_cols + cols <= ((-rows) % m) * n_cols + (-cols) % n_cols
-        power = torch.where(canonical, power, torch.full_like(power, -1.0))
-    flat = torch.topk(power.flatten(), n).indices
-    return torch.stack([flat // n_cols, flat % n_cols])
+    """The ``n`` coefficients of largest magnitude of a 2-D ``spectrum`` (complex for the DFT) as (2, n) long cells;
+    for the DFT one cell of each conjugate pair (:func:`~spectral_peft.analysis.top_power_cells` of its power)."""
+    return top_power_cells(spectrum.abs().pow(2), n, transform)
 
 
 def _all_reduce_priors(priors: dict[str, torch.Tensor], mode: str) -> None:
