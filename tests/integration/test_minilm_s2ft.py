@@ -16,7 +16,7 @@ def test_prepare_s2ft_then_training_lowers_the_loss(minilm_path, prior):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from spectral_peft import S2FTConfig, prepare_s2ft
-    from spectral_peft.data import batches, load_bbc_news, tokenize_classification
+    from spectral_peft.tools.data import batches, load_bbc_news, tokenize_classification
     from spectral_peft.s2ft import S2FTLinear
 
     torch.manual_seed(0)

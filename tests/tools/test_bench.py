@@ -8,14 +8,15 @@ import statistics
 import pytest
 import torch
 
-from spectral_peft import bench
-from spectral_peft.cli import main
+from spectral_peft.tools import bench
+from spectral_peft.tools.cli import main
+from spectral_peft.tools.workloads import workload
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_measure_reports_every_method_against_the_base_step():
-    work = bench._workload("linear", "cpu", torch.float32, width=32, tokens=64)
+    work = workload("linear", "cpu", torch.float32, width=32, tokens=64)
     result = bench.measure(work, ["lora", "fastfourierft", "loca", "loca-locations"], n=50, rank=4, repeats=2,
                            warmup=1, device="cpu")
     methods = result["methods"]
@@ -41,12 +42,12 @@ def test_paired_ratios_cancel_a_slow_spell_that_the_medians_do_not():
     # the third round ran three times slower for everyone; the reference also had a slow second round
     method, reference = [1.1, 1.1, 3.3], [1.0, 3.0, 3.0]
     assert statistics.median(method) / statistics.median(reference) == pytest.approx(1.1 / 3.0)
-    assert bench._paired_ratio(method, reference) == pytest.approx(1.1)
+    assert bench.paired_ratio(method, reference) == pytest.approx(1.1)
 
 
 def test_merged_timing_leaves_the_shared_weights_unchanged():
     torch.manual_seed(0)
-    work = bench._workload("linear", "cpu", torch.float32, width=16, tokens=8)
+    work = workload("linear", "cpu", torch.float32, width=16, tokens=8)
     before = work.model.proj.weight.detach().clone()
     bench.measure(work, ["loca"], n=20, rank=2, repeats=1, warmup=0, device="cpu")
     # the LoCA step trained its coefficients, so a merge left behind would have moved the weight

@@ -21,40 +21,15 @@ import sys
 import time
 from typing import Optional
 
+from .arguments import COMPARE_GRID_OPTIONS, DEFAULT_N_FREQUENCY, DEFAULT_RANK, flag, option_tokens
+from .checkpoints import METRICS_FILE
 from .errors import TrainingError, UsageError
-from .finetune import (
-    METHODS,
-    METRICS_FILE,
-    SPECTRAL_METHODS,
-    TRAINING_KEYS,
-    add_training_arguments,
-    check_arguments,
-    check_compatible,
-    encode_task,
-    load_tokenizer,
-    main_metric,
-    quiet_libraries,
-    resolve_model,
-    resolve_settings,
-    write_json,
-)
-from .tasks import CLASSIFICATION, load_task
+from .files import write_json, write_text
+from .methods import METHOD_NAMES, METHODS, N_FREQUENCY, RANK
+from .settings import check_arguments, first_difference
 
-DEFAULT_METHODS = ("loca", "s2ft", "lora", "fourierft")
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    grid = parser.add_argument_group("grid")
-    grid.add_argument("--methods", nargs="+", default=[",".join(DEFAULT_METHODS)],
-                      help="methods, comma or space separated (default " + ",".join(DEFAULT_METHODS) + "; any of "
-                           + ", ".join(METHODS) + ")")
-    grid.add_argument("--budgets", nargs="+", default=["100,300,1000"],
-                      help="n_frequency values for the spectral methods (default 100,300,1000)")
-    grid.add_argument("--ranks", nargs="+", default=["1,4,8"], help="LoRA ranks (default 1,4,8)")
-    grid.add_argument("--seeds", nargs="+", default=["0"], help="seeds (default 0)")
-    grid.add_argument("--output", required=True, help="output folder of the grid")
-    grid.add_argument("--in-process", action="store_true",
-                      help="run the cells in this process (faster start; peak memory is then this process's)")
+# a finetune run's own control options, which a cell sets itself
+_RUN_CONTROL = ("output", "resume", "overwrite", "stop_after")
 
 
 def _split_list(values: list, name: str, kind=str) -> list:
@@ -85,7 +60,7 @@ def parse_per_method(text: Optional[str], methods: list, name: str) -> dict:
             if sep:
                 key = key.strip()
                 if key not in METHODS:
-                    raise UsageError(f"--{name}: unknown method '{key}'; choose from {', '.join(METHODS)}")
+                    raise UsageError(f"--{name}: unknown method '{key}'; choose from {', '.join(METHOD_NAMES)}")
                 values[key] = float(value)
             elif len(parts) == 1:
                 values = {m: float(part) for m in methods}
@@ -97,12 +72,14 @@ def parse_per_method(text: Optional[str], methods: list, name: str) -> dict:
 
 
 def plan_cells(methods: list, budgets: list, ranks: list, seeds: list) -> list[dict]:
+    """The grid's cells, seed by seed: each method at each of its budgets (n_frequency, rank, or none)."""
     cells = []
     for seed in seeds:
         for method in methods:
-            if method in SPECTRAL_METHODS:
+            budget_kind = METHODS[method].budget
+            if budget_kind == N_FREQUENCY:
                 options = [(f"n{n}", {"n_frequency": n}) for n in budgets]
-            elif method == "lora":
+            elif budget_kind == RANK:
                 options = [(f"r{r}", {"rank": r}) for r in ranks]
             else:
                 options = [("all", {})]
@@ -112,31 +89,21 @@ def plan_cells(methods: list, budgets: list, ranks: list, seeds: list) -> list[d
     return cells
 
 
-def _finetune_actions() -> list:
-    parser = argparse.ArgumentParser(add_help=False)
-    add_training_arguments(parser)
-    return [a for a in parser._actions if a.option_strings]
-
-
 def cell_namespace(args: argparse.Namespace, cell: dict, lrs: dict, scalings: dict, folder: pathlib.Path):
-    values = {a.dest: getattr(args, a.dest, a.default) for a in _finetune_actions()}
-    values.update(method=cell["method"], seed=cell["seed"], lr=lrs.get(cell["method"]),
-                  scaling=scalings.get(cell["method"]), output=str(folder), resume=True, overwrite=False,
-                  stop_after=None)
+    """The finetune options of a cell: compare's training options, then the cell's method, budget and seed."""
+    values = {"method": cell["method"], "n_frequency": DEFAULT_N_FREQUENCY, "rank": DEFAULT_RANK}
+    values.update((key, value) for key, value in vars(args).items()
+                  if key not in COMPARE_GRID_OPTIONS and key not in ("func", "command"))
+    values.update(seed=cell["seed"], lr=lrs.get(cell["method"]), scaling=scalings.get(cell["method"]),
+                  output=str(folder), resume=True, overwrite=False, stop_after=None)
     values.update(cell["options"])
     return argparse.Namespace(**values)
 
 
 def cell_argv(namespace: argparse.Namespace) -> list[str]:
-    argv = ["finetune"]
-    for action in _finetune_actions():
-        value = getattr(namespace, action.dest, None)
-        if isinstance(action, argparse._StoreTrueAction):
-            if value:
-                argv.append(action.option_strings[0])
-        elif value is not None:
-            argv += [action.option_strings[0], str(value)]
-    return argv + ["--output", namespace.output, "--resume"]
+    """The finetune command line of a cell's options: every option that is set (a flag alone when true), then
+    ``--output`` and ``--resume``."""
+    return ["finetune", *option_tokens(vars(namespace), skip=_RUN_CONTROL), "--output", namespace.output, "--resume"]
 
 
 def _mean_std(values: list) -> tuple:
@@ -149,6 +116,7 @@ def _mean_std(values: list) -> tuple:
 
 
 def aggregate(cells: list[dict], metric: str) -> list[dict]:
+    """One row per (method, budget): the mean and std over the finished seeds."""
     rows = {}
     for cell in cells:
         key = (cell["method"], cell["budget"])
@@ -177,6 +145,10 @@ def _fmt(mean, std, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def _number(value) -> str:
+    return f"{value:,}" if value is not None else "-"
+
+
 def markdown_table(rows: list[dict], metric: str) -> str:
     classification = metric == "accuracy"
     header = ["method", "budget", "trainable params", "adapter params", "adapter bytes", f"test {metric}"]
@@ -184,9 +156,8 @@ def markdown_table(rows: list[dict], metric: str) -> str:
     header += ["s / step", "peak MiB", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
-        number = lambda v: f"{v:,}" if v is not None else "-"  # noqa: E731
-        cells = [row["method"], row["budget"], number(row["trainable_params"]), number(row["adapter_params"]),
-                 number(row["adapter_bytes"]), _fmt(row[f"{metric}_mean"], row[f"{metric}_std"])]
+        cells = [row["method"], row["budget"], _number(row["trainable_params"]), _number(row["adapter_params"]),
+                 _number(row["adapter_bytes"]), _fmt(row[f"{metric}_mean"], row[f"{metric}_std"])]
         if classification:
             cells.append(_fmt(row["macro_f1_mean"], row["macro_f1_std"]))
         seeds = ",".join(str(s) for s in row["seeds"]) or "-"
@@ -204,10 +175,8 @@ def _stale(folder: pathlib.Path, wanted: dict) -> str:
         made = json.loads((folder / METRICS_FILE).read_text())["settings"]
     except (OSError, ValueError, KeyError):
         return "unreadable metrics.json"
-    for key in TRAINING_KEYS:
-        if made.get(key) != wanted.get(key):
-            return f"--{key.replace('_', '-')} {made.get(key)!r}, now {wanted.get(key)!r}"
-    return ""
+    key = first_difference(made, wanted)
+    return f"{flag(key)} {made.get(key)!r}, now {wanted.get(key)!r}" if key is not None else ""
 
 
 def _read_cell(folder: pathlib.Path, cell: dict) -> dict:
@@ -226,20 +195,75 @@ def _read_cell(folder: pathlib.Path, cell: dict) -> dict:
     return record
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+def _parse_grid(args: argparse.Namespace) -> dict:
+    """The grid's methods, budgets, ranks, seeds and per-method learning rates and scalings, checked."""
     methods = _split_list(args.methods, "methods")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise UsageError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
-    budgets = _split_list(args.budgets, "budgets", int)
-    ranks = _split_list(args.ranks, "ranks", int)
-    seeds = _split_list(args.seeds, "seeds", int)
-    for name, values in (("budgets", budgets), ("ranks", ranks)):
-        if any(v <= 0 for v in values):
-            raise UsageError(f"--{name} must be positive integers, got {values}")
-    lrs = parse_per_method(args.lr, methods, "lr")
-    scalings = parse_per_method(args.scaling, methods, "scaling")
+        raise UsageError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHOD_NAMES)}")
+    grid = {"methods": methods, "budgets": _split_list(args.budgets, "budgets", int),
+            "ranks": _split_list(args.ranks, "ranks", int), "seeds": _split_list(args.seeds, "seeds", int)}
+    for name in ("budgets", "ranks"):
+        if any(v <= 0 for v in grid[name]):
+            raise UsageError(f"--{name} must be positive integers, got {grid[name]}")
+    grid["lrs"] = parse_per_method(args.lr, methods, "lr")
+    grid["scalings"] = parse_per_method(args.scaling, methods, "scaling")
+    return grid
+
+
+def _run_cell(namespace: argparse.Namespace, in_process: bool) -> int:
+    """Runs one cell's finetune (resuming it if it was interrupted); returns its exit code."""
+    if in_process:
+        from .finetune import run_finetune
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the table
+                return run_finetune(namespace)
+        except (UsageError, TrainingError) as error:
+            print(f"spectral-peft: error: {error}", file=sys.stderr)
+            return 2 if isinstance(error, UsageError) else 1
+    argv = [sys.executable, "-m", "spectral_peft", *cell_argv(namespace)]
+    print("  " + " ".join(shlex.quote(a) for a in argv[1:]), file=sys.stderr)
+    try:  # the cell's stdout goes to stderr: stdout carries only the table
+        streams = {"stdout": sys.stderr.fileno()}
+    except (AttributeError, OSError, ValueError):  # stderr is not a file (captured): collect and pass on
+        streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    result = subprocess.run(argv, env=os.environ.copy(), **streams)
+    if result.stdout:
+        sys.stderr.write(result.stdout)
+    return result.returncode
+
+
+def _run_cells(cells: list[dict], args: argparse.Namespace, grid: dict, output: pathlib.Path, wanted) -> None:
+    """Runs every cell not finished before; sets each cell's status. ``wanted(namespace)``: a cell's settings."""
+    for index, cell in enumerate(cells, start=1):
+        folder = output / "cells" / cell["name"]
+        namespace = cell_namespace(args, cell, grid["lrs"], grid["scalings"], folder)
+        if (folder / METRICS_FILE).is_file():
+            difference = _stale(folder, wanted(namespace))
+            if difference:
+                print(f"[{index}/{len(cells)}] {cell['name']}: finished before with other options ({difference}); "
+                      "left out of the results: remove the folder to run it again", file=sys.stderr)
+                cell["status"] = f"stale ({difference})"
+            else:
+                print(f"[{index}/{len(cells)}] {cell['name']}: finished before, skipped", file=sys.stderr)
+                cell["status"] = "finished"
+            continue
+        print(f"[{index}/{len(cells)}] {cell['name']}", file=sys.stderr)
+        code = _run_cell(namespace, args.in_process)
+        cell["status"] = "finished" if code == 0 and (folder / METRICS_FILE).is_file() else f"failed (exit {code})"
+        if code == 130:
+            raise KeyboardInterrupt
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .models import check_compatible, load_tokenizer, quiet_libraries, resolve_model
+    from .settings import resolve_settings
+    from .tasks import encode_task, load_task
+
+    started = time.perf_counter()
+    grid = _parse_grid(args)
+    methods, seeds = grid["methods"], grid["seeds"]
     check_arguments(argparse.Namespace(**{**vars(args), "lr": None, "method": None}))
     output = pathlib.Path(args.output).expanduser()
     if output.exists() and not output.is_dir():
@@ -253,53 +277,31 @@ def run_compare(args: argparse.Namespace) -> int:
     encoded = encode_task(task, load_tokenizer(info), args.max_length, seeds[0], args.val_fraction,
                           args.test_fraction)
     n_train = len(encoded["train"]["labels"])
-    if "lora" not in methods:
-        ranks = []
-    metric = main_metric(task.kind)
+    with_ranks = any(METHODS[m].budget == RANK for m in methods)
+    if not with_ranks:
+        grid["ranks"] = []
 
-    cells = plan_cells(methods, budgets, ranks, seeds)
+    cells = plan_cells(methods, grid["budgets"], grid["ranks"], seeds)
     (output / "cells").mkdir(parents=True, exist_ok=True)
-    print(f"compare: {len(cells)} cells ({', '.join(methods)}; budgets {budgets}"
-          + (f", ranks {ranks}" if "lora" in methods else "") + f"; seeds {seeds}) into {output}", file=sys.stderr)
-    for index, cell in enumerate(cells, start=1):
-        folder = output / "cells" / cell["name"]
-        namespace = cell_namespace(args, cell, lrs, scalings, folder)
-        if (folder / METRICS_FILE).is_file():
-            difference = _stale(folder, resolve_settings(namespace, task, n_train, info))
-            if difference:
-                print(f"[{index}/{len(cells)}] {cell['name']}: finished before with other options ({difference}); "
-                      "left out of the results: remove the folder to run it again", file=sys.stderr)
-                cell["status"] = f"stale ({difference})"
-            else:
-                print(f"[{index}/{len(cells)}] {cell['name']}: finished before, skipped", file=sys.stderr)
-                cell["status"] = "finished"
-            continue
-        print(f"[{index}/{len(cells)}] {cell['name']}", file=sys.stderr)
-        if args.in_process:
-            from .finetune import run_finetune
-
-            try:
-                with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the table
-                    code = run_finetune(namespace)
-            except (UsageError, TrainingError) as error:
-                print(f"spectral-peft: error: {error}", file=sys.stderr)
-                code = 2 if isinstance(error, UsageError) else 1
-        else:
-            argv = [sys.executable, "-m", "spectral_peft", *cell_argv(namespace)]
-            print("  " + " ".join(shlex.quote(a) for a in argv[1:]), file=sys.stderr)
-            try:  # the cell's stdout goes to stderr: stdout carries only the table
-                streams = {"stdout": sys.stderr.fileno()}
-            except (AttributeError, OSError, ValueError):  # stderr is not a file (captured): collect and pass on
-                streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-            result = subprocess.run(argv, env=os.environ.copy(), **streams)
-            if result.stdout:
-                sys.stderr.write(result.stdout)
-            code = result.returncode
-        cell["status"] = "finished" if code == 0 and (folder / METRICS_FILE).is_file() else f"failed (exit {code})"
-        if code == 130:
-            raise KeyboardInterrupt
-
+    print(f"compare: {len(cells)} cells ({', '.join(methods)}; budgets {grid['budgets']}"
+          + (f", ranks {grid['ranks']}" if with_ranks else "") + f"; seeds {seeds}) into {output}", file=sys.stderr)
+    _run_cells(cells, args, grid, output, lambda namespace: resolve_settings(namespace, task, n_train, info))
     records = [_read_cell(output / "cells" / cell["name"], cell) for cell in cells]
+    _write_results(output, args, task, info, records, len(seeds))
+    failed = [r for r in records if r["status"] != "finished"]
+    print(f"\n{len(records) - len(failed)} of {len(records)} cells finished in {time.perf_counter() - started:.0f} s; "
+          f"results in {output}/results.md, results.json, results.png", file=sys.stderr)
+    if failed:
+        print("failed cells: " + ", ".join(r["name"] for r in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_results(output: pathlib.Path, args: argparse.Namespace, task, info, records: list, n_seeds: int) -> None:
+    """results.json, results.md and results.png; the table on stdout."""
+    from .evaluation import main_metric
+
+    metric = main_metric(task.kind)
     rows = aggregate(records, metric)
     table = markdown_table(rows, metric)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
@@ -309,9 +311,9 @@ def run_compare(args: argparse.Namespace) -> int:
     command = "spectral-peft compare " + " ".join(
         shlex.quote(a) for a in (sys.argv[2:] if sys.argv[1:2] == ["compare"] else []))
     lrs_used = sorted({(r["method"], r["lr"]) for r in records if r.get("lr") is not None})
-    text = (
+    write_text(output / "results.md", (
         f"# Comparison: {task.name} on {info.display}\n\n"
-        f"{metric} on the test split ({'mean ± std over seeds' if len(seeds) > 1 else 'one seed'}); "
+        f"{metric} on the test split ({'mean ± std over seeds' if n_seeds > 1 else 'one seed'}); "
         f"{', '.join(str(s) for s in steps) or '?'} optimizer steps; learning rates "
         + ", ".join(f"{m} {lr:g}" for m, lr in lrs_used) + ".\n"
         + "Trainable params include the classification head; adapter params exclude it (LoCA's count includes its "
@@ -319,20 +321,10 @@ def run_compare(args: argparse.Namespace) -> int:
           "of an optimizer step. Peak MiB: the cell process's peak resident memory.\n\n"
         + table + "\n"
         + (f"\nCommand: `{command.strip()}`\n" if command.strip() != "spectral-peft compare" else "")
-    )
-    tmp = output / "results.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, output / "results.md")
+    ))
     if any(r.get(f"{metric}_mean") is not None for r in rows):
         from .plots import plot_comparison
 
         plot_comparison(output / "results.png", rows, metric,
                         title=f"{task.name}: test {metric} vs trainable parameters")
     print(table)
-    failed = [r for r in records if r["status"] != "finished"]
-    print(f"\n{len(records) - len(failed)} of {len(records)} cells finished in {time.perf_counter() - started:.0f} s; "
-          f"results in {output}/results.md, results.json, results.png", file=sys.stderr)
-    if failed:
-        print("failed cells: " + ", ".join(r["name"] for r in failed), file=sys.stderr)
-        return 1
-    return 0

@@ -1,4 +1,5 @@
-"""A tiny random BERT with a WordPiece tokenizer, and small CSV / JSONL / text files, for the CLI tests."""
+"""For the command-line tests: a tiny random BERT (and GPT-2) with a WordPiece tokenizer, small CSV / JSONL / text
+files, and the check of a bad input's one error line."""
 
 from __future__ import annotations
 
@@ -96,3 +97,28 @@ def write_text(path: pathlib.Path, words: int = 3000, seed: int = 0) -> pathlib.
     vocab = [w for words_ in WORDS.values() for w in words_] + FILLER
     path.write_text(" ".join(rng.choice(vocab) for _ in range(words)))
     return path
+
+
+# a finetune of a few steps on the tiny models: enough to reach every check of the input
+FAST = ["--steps", "2", "--batch-size", "8", "--max-length", "16", "--n-frequency", "8", "--threads", "1", "--quiet"]
+
+
+def finetune_argv(model, task, output, *extra) -> list:
+    return ["finetune", "--method", "lora", "--model", model, "--task", task, *FAST, "--output", output, *extra]
+
+
+def bad_input(capsys, argv, output, message: str) -> str:
+    """Runs the command; checks exit code 2, one error line naming the problem, no traceback and, when ``output``
+    is given, no output folder (validation comes before anything is created). Returns the error line."""
+    from spectral_peft.tools.cli import main
+
+    code = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("spectral-peft: error:")]
+    assert len(errors) == 1, err
+    assert message in errors[0], errors[0]
+    if output is not None:
+        assert not output.exists(), "validation must come before anything is created"
+    return errors[0]

@@ -1,12 +1,12 @@
 """Tasks for ``spectral-peft finetune``: BBC News, a local CSV / JSONL (classification), a text file (language
 modelling) or a ``datasets`` hub name.
 
-Every loader checks its input and raises :class:`~spectral_peft.errors.UsageError` with one line naming the problem
-(a missing file, missing columns, labels that are neither integers nor strings, an empty split), before anything is
-trained or written.
+Every loader checks its input and raises :class:`~spectral_peft.tools.errors.UsageError` with one line naming the
+problem (a missing file, missing columns, labels that are neither integers nor strings, an empty split), before
+anything is trained or written.
 
-Splits of a CSV / JSONL without a ``split`` column follow :func:`spectral_peft.data.load_bbc_news`: stratified by
-label, fixed by the seed (for each label in order its examples, in file order, are shuffled with one
+Splits of a CSV / JSONL without a ``split`` column follow :func:`spectral_peft.tools.data.load_bbc_news`: stratified
+by label, fixed by the seed (for each label in order its examples, in file order, are shuffled with one
 ``random.Random(seed)``; the first ``round(test_fraction * count)`` go to test, the next
 ``round(validation_fraction * count)`` to validation, the rest to train; each split is then shuffled).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import pathlib
 import random
 import re
@@ -24,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from .data import stratified_split
-from .errors import UsageError
+from .data import BBC_NEWS_LABELS, load_bbc_news, stratified_split, tokenize_classification
+from .errors import UsageError, first_line
 
 CLASSIFICATION, LANGUAGE_MODELING = "classification", "language-modeling"
 SPLITS = ("train", "validation", "test")
@@ -106,8 +105,6 @@ def load_task(name: str, seed: int = 0, validation_fraction: float = 0.1, test_f
 
 
 def _load_bbc_news(seed: int, validation_fraction: float, test_fraction: float) -> Task:
-    from .data import BBC_NEWS_LABELS, load_bbc_news
-
     try:
         splits = load_bbc_news(seed, validation_fraction=validation_fraction, test_fraction=test_fraction)
     except FileNotFoundError as error:
@@ -289,8 +286,7 @@ def _load_hub_dataset(name: str, seed: int, validation_fraction: float, test_fra
     try:
         dataset = load_dataset(name)
     except Exception as error:  # noqa: BLE001  (any failure of the hub is the user's problem to fix)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"could not load the hub dataset '{name}': {first}") from None
+        raise UsageError(f"could not load the hub dataset '{name}': {first_line(error)}") from None
     columns = dataset[next(iter(dataset))].column_names
     text_column = next((c for c in ("text", "sentence", "content", "document") if c in columns), None)
     if text_column is None:
@@ -333,8 +329,6 @@ def encode_task(task: Task, tokenizer, max_length: int, seed: int = 0, validatio
     cut into blocks of ``max_length`` tokens (the remainder dropped) and the blocks split by the seed like a
     classification file (validation and test fractions of the blocks, at least one each).
     """
-    from .data import tokenize_classification
-
     if task.kind == CLASSIFICATION:
         return {split: tokenize_classification(tokenizer, task.splits[split], max_length) for split in SPLITS}
     ids = tokenizer(task.text, add_special_tokens=False)["input_ids"]
@@ -358,6 +352,3 @@ def encode_task(task: Task, tokenizer, max_length: int, seed: int = 0, validatio
                           "labels": input_ids.clone()}
     return {split: encoded[split] for split in SPLITS}
 
-
-def batch_count(size: int, batch_size: int) -> int:
-    return math.ceil(size / batch_size)

@@ -1,4 +1,5 @@
-"""PNG plots of a training run and of a comparison (matplotlib, Agg backend, written atomically)."""
+"""PNG plots of a training run, a comparison, an analysis and bench's sweep (matplotlib, Agg backend, written
+atomically)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: pathlib.Path) -> None:
+def _write(plt, fig, path: pathlib.Path, layout: bool = True) -> None:
+    """Lays the figure out (unless ``layout`` is False), writes it to ``path`` atomically and closes it."""
+    if layout:
+        fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
+    plt.close(fig)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -59,9 +64,7 @@ def plot_training(path: pathlib.Path, losses: list[float], validation: list[dict
     right.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _write(plt, fig, path)
 
 
 def plot_comparison(path: pathlib.Path, rows: list[dict], metric: str, title: str = "") -> None:
@@ -87,9 +90,7 @@ def plot_comparison(path: pathlib.Path, rows: list[dict], metric: str, title: st
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _write(plt, fig, path)
 
 
 def _panels(plt, count: int, width: float = 4.2, height: float = 3.4):
@@ -113,9 +114,7 @@ def _label_panel(ax, title: str, xlabel: str, ylabel: str, top: float, base: flo
 
 def _write_panels(plt, fig, axes, path: pathlib.Path, legend_loc: str) -> None:
     axes[0].legend(fontsize=7, loc=legend_loc)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _write(plt, fig, path)
 
 
 def plot_energy_curves(path: pathlib.Path, result: dict) -> None:
@@ -158,3 +157,25 @@ def plot_errors(path: pathlib.Path, result: dict) -> None:
         _label_panel(ax, f"{group} ({result['summary'][group]['matrices']} matrices)",
                      "budget P = r(M+N), in units of rank r", "||dW - A||_F / ||dW||_F (mean)", top=1.02, base=2)
     _write_panels(plt, fig, axes, path, legend_loc="lower left")
+
+
+def plot_sweep(path: pathlib.Path, sweep: list, labels: dict) -> None:
+    """Bench's linear sweep: each method's overhead per step against n_frequency, one panel per width (log-log);
+    ``labels``: method -> its name in the legend."""
+    plt = _pyplot()
+    widths = sorted({row["width"] for row in sweep})
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.6), squeeze=False)
+    for ax, width in zip(axes[0], widths):
+        rows = [r for r in sweep if r["width"] == width]
+        for method in sorted({r["method"] for r in rows}):
+            # an overhead within the noise can come out at or below zero: drawn at the floor of the plot
+            pts = sorted((r["n"], max(r["overhead_s"] * 1e3, 0.01)) for r in rows if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels.get(method, method))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{width} x {width}, 1024 tokens")
+        ax.set_xlabel("n_frequency (LoRA: fixed rank)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("adapter overhead per step, ms")
+    axes[0][0].legend(fontsize=7)
+    _write(plt, fig, path, layout=False)

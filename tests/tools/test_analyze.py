@@ -1,155 +1,25 @@
-"""`spectral-peft analyze`: each metric against a direct computation on small matrices with known answers, the
-report on tiny models (tuned and adapter), and bad inputs (one clear error line, exit code 2)."""
+"""`spectral-peft analyze`: the report on tiny models (tuned and adapter), and bad inputs (one clear error line, exit
+code 2). The measures it reports are tested in tests/test_analysis.py."""
 
 from __future__ import annotations
 
 import json
-import math
 
-import numpy as np
 import pytest
-import scipy.fft
 import torch
 
-from spectral_peft.analysis import flatness_of, power_spectrum, spectral_flatness
-from spectral_peft.analyze import (
-    analyze_matrix,
-    compare_locations,
-    error_from_share,
-    layer_type,
-    mean_distance,
-    overlap,
-    share_at,
-    svd_errors,
-    top_cells,
-)
-from spectral_peft.cli import main
+from spectral_peft.tools.analyze_report import layer_type
+from spectral_peft.tools.cli import main
 
-from .cli_support import examples, make_tiny_bert, make_tiny_gpt2, make_tokenizer, write_csv
+from .cli_support import bad_input, examples, make_tiny_bert, make_tiny_gpt2, make_tokenizer, write_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def from_dct(spectrum: np.ndarray) -> torch.Tensor:
-    """The matrix whose orthonormal 2-D DCT-II is ``spectrum``."""
-    return torch.from_numpy(scipy.fft.idctn(spectrum, type=2, norm="ortho"))
-
-
-def dct_atoms(shape, cells, values) -> torch.Tensor:
-    spectrum = np.zeros(shape)
-    for (r, c), v in zip(cells, values):
-        spectrum[r, c] = v
-    return from_dct(spectrum)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# metrics against direct computations
-
-
-def test_svd_error_of_a_rank_one_matrix_is_zero_and_of_rank_two_known():
-    u, v = torch.randn(12, 1, dtype=torch.float64), torch.randn(1, 9, dtype=torch.float64)
-    assert svd_errors(u @ v, [1, 2, 5]) == pytest.approx([0.0, 0.0, 0.0], abs=1e-7)
-    # singular values 3 and 1 on orthonormal vectors: the best rank-1 error is 1 / sqrt(10)
-    q1, _ = torch.linalg.qr(torch.randn(12, 2, dtype=torch.float64))
-    q2, _ = torch.linalg.qr(torch.randn(9, 2, dtype=torch.float64))
-    matrix = 3 * q1[:, :1] @ q2[:, :1].T + q1[:, 1:] @ q2[:, 1:].T
-    assert svd_errors(matrix, [1, 2]) == pytest.approx([1 / math.sqrt(10), 0.0], abs=1e-7)
-
-
-def test_a_matrix_of_k_dct_atoms_is_captured_by_k_coefficients_and_its_spectrum_is_not_flat():
-    shape, cells, values = (16, 24), [(0, 0), (3, 7), (15, 23), (8, 1)], [4.0, -3.0, 2.0, 1.0]
-    matrix = dct_atoms(shape, cells, values)
-    result = analyze_matrix(matrix, ranks=(1, 2), fractions=(4 / 384, 3 / 384))
-    assert result["energy"]["dct"]["original"] == pytest.approx([1.0, 1 - 1 / 30], abs=1e-9)
-    assert spectral_flatness(matrix) < 1e-6
-    assert {tuple(c) for c in top_cells(power_spectrum(matrix), 4).T.tolist()} == set(cells)
-    # budget r(M+N) = 40 >= 4 coefficients: the top-P DCT approximation is exact; a rank-1 one is not
-    first = result["errors"][0]
-    assert first["budget"] == 40 and first["dct_top"] == pytest.approx(0.0, abs=1e-7) and first["svd"] > 0.1
-
-
-def test_flatness_of_a_flat_spectrum_is_one_and_of_white_noise_the_chi_squared_value():
-    signs = np.where(np.random.default_rng(0).random((20, 30)) < 0.5, -1.0, 1.0)
-    assert spectral_flatness(from_dct(signs)) == pytest.approx(1.0, abs=1e-9)
-    noise = torch.randn(256, 256, dtype=torch.float64)
-    gamma = 0.5772156649
-    assert spectral_flatness(noise, "dct") == pytest.approx(math.exp(-gamma) / 2, abs=0.01)
-    assert spectral_flatness(noise, "dft") == pytest.approx(math.exp(-gamma), abs=0.01)
-    assert flatness_of(torch.zeros(3, 3)) == 0.0
-
-
-def test_error_at_fixed_locations_equals_the_least_squares_fit_on_those_atoms():
-    """The optimal coefficients on a fixed support, fitted directly by least squares over the DCT atoms."""
-    shape = (6, 5)
-    matrix = torch.randn(*shape, dtype=torch.float64)
-    cells = torch.tensor([[0, 2, 5, 3, 1], [0, 4, 1, 3, 2]])
-    atoms = np.stack([dct_atoms(shape, [(int(r), int(c))], [1.0]).numpy().ravel() for r, c in cells.T])
-    coef, *_ = np.linalg.lstsq(atoms.T, matrix.numpy().ravel(), rcond=None)
-    direct = np.linalg.norm(matrix.numpy().ravel() - atoms.T @ coef) / np.linalg.norm(matrix.numpy())
-    assert error_from_share(share_at(power_spectrum(matrix), cells)) == pytest.approx(direct, rel=1e-9)
-
-
-def test_random_locations_of_a_flat_matrix_keep_their_share_of_entries():
-    result = analyze_matrix(torch.randn(64, 64, dtype=torch.float64), ranks=(4,))
-    budget = result["errors"][0]["budget"]
-    expected = math.sqrt(1 - budget / 64**2)
-    assert result["errors"][0]["dct_random"] == pytest.approx(expected, abs=0.02)
-
-
-def smooth(m: int, n: int) -> torch.Tensor:
-    i = torch.linspace(0, 1, m, dtype=torch.float64)[:, None]
-    j = torch.linspace(0, 1, n, dtype=torch.float64)[None, :]
-    return torch.sin(3 * i + 2 * j) + torch.cos(4 * i * j) + i * j
-
-
-def test_a_shuffled_smooth_matrix_is_flat_and_its_own_ordering_makes_it_sparse_again():
-    m, n = 48, 40
-    generator = torch.Generator().manual_seed(0)
-    clean = smooth(m, n)
-    shuffled = clean[torch.randperm(m, generator=generator)][:, torch.randperm(n, generator=generator)]
-    k = round(0.01 * m * n)
-    result = analyze_matrix(shuffled, prior=clean * 0 + shuffled, fractions=(0.01,), ranks=(1,))
-    smooth_share = analyze_matrix(clean, fractions=(0.01,), ranks=(1,))["energy"]["dct"]["original"][0]
-    energy = result["energy"]["dct"]
-    assert smooth_share > 0.99 and k == 19
-    assert energy["original"][0] < 0.9 < energy["self"][0]
-    assert energy["prior"][0] == pytest.approx(energy["self"][0])  # the prior is the matrix itself here
-    assert abs(energy["random"][0] - energy["original"][0]) < 0.2  # shuffling a shuffle keeps it shuffled
-
-
-def test_overlap_and_distance_of_cell_sets():
-    a = torch.tensor([[0, 1, 2], [0, 1, 2]])
-    b = torch.tensor([[0, 1, 5], [0, 2, 5]])
-    assert overlap(a, b, n_cols=6) == 1
-    # (0,0) -> itself 0; (1,1) -> (1,2) 1; (2,2) -> (1,2) 1
-    assert mean_distance(a, b) == pytest.approx(2 / 3)
 
 
 def test_layer_types():
     assert layer_type("bert.encoder.layer.3.attention.self.query") == "attention.self.query"
     assert layer_type("bert.pooler.dense") == "bert.pooler.dense"
     assert layer_type("model.layers.10.mlp.up_proj") == "mlp.up_proj"
-
-
-def test_locations_of_a_loca_layer_against_a_reference(tiny_bert):
-    """Locations placed on the reference's top-n cells overlap it fully; the initial draw is redrawn exactly."""
-    from peft import get_peft_model
-
-    import spectral_peft
-
-    config = spectral_peft.LocaConfig(target_modules=["query"], n_frequency=20, location_seed=3)
-    model = get_peft_model(tiny_bert, config)
-    name = "bert.encoder.layer.0.attention.self.query"
-    layer = model.base_model.model.get_submodule(name)
-    initial = layer.spectrum("default").cells.clone()
-    reference = torch.randn(32, 32, dtype=torch.float64)
-    best = top_cells(power_spectrum(reference), 20)
-    layer.set_locations("default", best)
-    result = compare_locations(layer, "default", reference, config)
-    assert result["overlap"] == 1.0 and result["mean_distance"] == 0.0 and result["moved"] == 1.0 - overlap(
-        best, initial, 32) / 20
-    assert result["energy_share"] == pytest.approx(result["top_n_energy_share"])
-    assert result["initial_energy_share"] == pytest.approx(share_at(power_spectrum(reference), initial))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,19 +197,10 @@ def test_a_decoder_with_conv1d_weights_tuned_and_with_a_lora_adapter(tmp_path, c
 # bad inputs
 
 
-def bad_input(capsys, argv, message: str) -> None:
-    code = main([str(a) for a in argv])
-    _, err = capsys.readouterr()
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("spectral-peft: error:")]
-    assert len(errors) == 1 and message in errors[0], err
-
-
 def test_base_and_tuned_of_different_architectures(tiny, tmp_path, capsys):
     gpt2 = make_tiny_gpt2(tmp_path / "gpt2")
     bad_input(capsys, ["analyze", "--base", tiny["base"], "--tuned", gpt2, "--prior", "none", "--output",
-                       tmp_path / "o"], "is a gpt2 model but --base is a bert: different architectures")
+                       tmp_path / "o"], None, "is a gpt2 model but --base is a bert: different architectures")
     assert not (tmp_path / "o").exists()
 
 
@@ -350,7 +211,7 @@ def test_base_and_tuned_of_different_sizes(tiny, tmp_path, capsys):
                         intermediate_size=48, max_position_embeddings=64)
     BertModel(config).save_pretrained(tmp_path / "wide")
     bad_input(capsys, ["analyze", "--base", tiny["base"], "--tuned", tmp_path / "wide", "--prior", "none",
-                       "--output", tmp_path / "o"], "different architectures")
+                       "--output", tmp_path / "o"], None, "different architectures")
 
 
 def test_an_adapter_for_another_base(tiny, tmp_path, capsys):
@@ -363,7 +224,7 @@ def test_an_adapter_for_another_base(tiny, tmp_path, capsys):
     BertModel(config).save_pretrained(tmp_path / "other")
     make_tokenizer(tmp_path / "other")
     bad_input(capsys, ["analyze", "--base", tmp_path / "other", "--adapter", tiny["adapter"], "--prior", "none",
-                       "--output", tmp_path / "o"], f"--adapter {tiny['adapter']} does not fit --base")
+                       "--output", tmp_path / "o"], None, f"--adapter {tiny['adapter']} does not fit --base")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -382,11 +243,11 @@ def test_bad_arguments(tiny, tmp_path, capsys, extra, message):
     names = {"TUNED": tiny["tuned"], "BASE": tiny["base"], "ADAPTER": tiny["adapter"]}
     extra = [names.get(a, a) for a in extra]
     bad_input(capsys, ["analyze", "--base", tiny["base"], *extra, "--prior", "none", "--output", tmp_path / "o"],
-              message)
+              None, message)
 
 
 def test_an_output_folder_with_other_files_is_refused(tiny, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
     bad_input(capsys, ["analyze", "--base", tiny["base"], "--tuned", tiny["tuned"], "--prior", "none", "--output",
-                       tmp_path / "o"], "is not empty and holds no earlier analysis")
+                       tmp_path / "o"], None, "is not empty and holds no earlier analysis")

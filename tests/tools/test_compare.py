@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from spectral_peft.cli import main
-from spectral_peft.compare import aggregate, cell_argv, markdown_table, parse_per_method, plan_cells
-from spectral_peft.errors import UsageError
+from spectral_peft.tools.cli import main
+from spectral_peft.tools.compare import aggregate, cell_argv, markdown_table, parse_per_method, plan_cells
+from spectral_peft.tools.errors import UsageError
 
-from .cli_support import examples, make_tiny_bert, write_csv
+from .cli_support import bad_input, examples, make_tiny_bert, write_csv
 
 FAST = ["--steps", "2", "--batch-size", "8", "--max-length", "16", "--eval-every", "0", "--prior-batches", "1",
         "--threads", "1", "--quiet"]
@@ -132,3 +132,29 @@ def test_a_cell_finished_with_other_options_is_left_out(capsys, files, tmp_path)
     assert code == 1
     assert "finished before with other options (--steps 2, now 3)" in err
     assert "(failed: 0)" in out
+
+
+def test_compare_with_an_unknown_method(capsys, bert, good_csv, tmp_path):
+    out = tmp_path / "grid"
+    bad_input(capsys, ["compare", "--methods", "loca,nope", "--model", bert, "--task", good_csv, "--output", out],
+              out, "unknown method 'nope'")
+
+
+def test_a_cells_command_line_gives_finetune_the_cells_options(tmp_path):
+    """Built from the cell's own options, the command line parses back to them (so a subprocess cell trains what
+    an in-process one does)."""
+    import argparse
+
+    from spectral_peft.tools.cli import build_parser
+    from spectral_peft.tools.compare import cell_namespace
+
+    compare_args = build_parser().parse_args(["compare", "--output", str(tmp_path), "--steps", "7", "--quiet",
+                                              "--target-modules", "query", "--eval-every", "0"])
+    cells = plan_cells(["loca", "lora"], [300], [4], [1])
+    for cell in cells:
+        namespace = cell_namespace(compare_args, cell, {"loca": 0.02}, {}, tmp_path / cell["name"])
+        parsed = build_parser().parse_args(cell_argv(namespace))
+        expected = {k: v for k, v in vars(namespace).items()}
+        got = {k: v for k, v in vars(parsed).items() if k not in ("func", "command")}
+        assert got == expected, cell["name"]
+    assert isinstance(namespace, argparse.Namespace) and namespace.rank == 4 and namespace.seed == 1

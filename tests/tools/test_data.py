@@ -1,4 +1,4 @@
-"""BBC News loading and splitting, tokenization and batching (spectral_peft.data)."""
+"""BBC News loading and splitting, tokenization and batching (spectral_peft.tools.data)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from spectral_peft.data import (
+from spectral_peft.tools.data import (
     BBC_NEWS_LABELS,
     BBC_NEWS_SIZE,
+    BatchStream,
     batches,
     bbc_news_dir,
     default_model_path,
@@ -155,3 +156,13 @@ def test_batches_reject_ragged_input():
         list(batches({"a": torch.zeros(3), "b": torch.zeros(4)}, 2))
     with pytest.raises(ValueError, match="batch_size"):
         list(batches({"a": torch.zeros(3)}, 0))
+
+
+def test_batch_stream_is_a_function_of_seed_and_index():
+    encoded = {"labels": torch.arange(10), "input_ids": torch.arange(10)[:, None]}
+    a, b = BatchStream(encoded, 4, seed=3), BatchStream(encoded, 4, seed=3)
+    sequence = [a.batch(k)["labels"].tolist() for k in range(9)]
+    assert [b.batch(k)["labels"].tolist() for k in reversed(range(9))] == sequence[::-1]
+    assert sorted(sum(sequence[:3], [])) == list(range(10))  # one epoch: every example once
+    assert sequence[:3] != sequence[3:6]  # reshuffled each epoch
+    assert BatchStream(encoded, 4, seed=4).batch(0)["labels"].tolist() != sequence[0]

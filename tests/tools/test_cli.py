@@ -1,0 +1,74 @@
+"""The command line: the entry points, what building the parser imports, and usage errors (one line on stderr,
+exit code 2, no traceback, nothing left looking finished)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+from .cli_support import bad_input, finetune_argv
+
+
+def test_unknown_option_and_missing_output(capsys, bert, good_csv, tmp_path):
+    out = tmp_path / "out"
+    bad_input(capsys, finetune_argv(bert, good_csv, out, "--learning-rate", "1"), out, "unrecognized arguments")
+    argv = finetune_argv(bert, good_csv, out)[:-2]
+    bad_input(capsys, argv, out, "the following arguments are required: --output")
+    bad_input(capsys, finetune_argv(bert, good_csv, out, "--batch-size", "0"), out, "--batch-size must be positive")
+
+
+def test_console_script_and_module_entry_points():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "spectral_peft", "--help"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0 and "finetune" in result.stdout and "compare" in result.stdout
+    script = pathlib.Path(sys.executable).parent / "spectral-peft"
+    if script.exists():  # installed with pip install -e / make install
+        result = subprocess.run([str(script), "finetune", "--method", "x"], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1].startswith("spectral-peft: error:")
+        assert "Traceback" not in result.stderr
+
+
+# the package's __init__ registers the methods with PEFT (so it imports torch, transformers and PEFT): the tools are
+# loaded here without it, to see what the command line itself imports
+LIGHT_PARSER = r"""
+import importlib.util, sys, types
+spec = importlib.util.find_spec("spectral_peft")
+package = types.ModuleType("spectral_peft")
+package.__path__ = list(spec.submodule_search_locations)
+sys.modules["spectral_peft"] = package
+from spectral_peft.tools import cli
+parser = cli.build_parser()
+for argv in (["--help"], ["finetune", "--help"], ["evaluate", "--help"], ["compare", "--help"], ["bench", "--help"],
+             ["analyze", "--help"]):
+    try:
+        parser.parse_args(argv)
+    except SystemExit as exit:
+        assert exit.code == 0, argv
+heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "peft", "numpy")
+               or (name.startswith("spectral_peft.") and not name.startswith("spectral_peft.tools")))
+print("heavy:", heavy)
+"""
+
+
+def test_building_the_parser_imports_neither_torch_nor_the_library():
+    result = subprocess.run([sys.executable, "-c", LIGHT_PARSER], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--n-frequency" in result.stdout and "--sweep-widths" in result.stdout  # the commands' help was printed
+    assert result.stdout.strip().splitlines()[-1] == "heavy: []"
+
+
+def test_version(capsys):
+    import pytest
+
+    from spectral_peft import __version__
+    from spectral_peft.tools.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"spectral-peft {__version__}\n"

@@ -1,0 +1,75 @@
+"""The method registry: every command reads its methods from it, and each method builds and groups its
+parameters as the registry says."""
+
+from __future__ import annotations
+
+import pytest
+
+from spectral_peft.tools.methods import (
+    METHOD_NAMES,
+    METHODS,
+    N_FREQUENCY,
+    NO_BUDGET,
+    RANK,
+    REFERENCE,
+    bench_variants,
+    parameter_groups,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_registry_holds_every_method_once_with_its_budget_and_defaults():
+    assert METHOD_NAMES == ("loca", "s2ft", "fourierft", "fastfourierft", "lora", "full")
+    budgets = {name: method.budget for name, method in METHODS.items()}
+    assert budgets == {"loca": N_FREQUENCY, "s2ft": N_FREQUENCY, "fourierft": N_FREQUENCY,
+                       "fastfourierft": N_FREQUENCY, "lora": RANK, "full": NO_BUDGET}
+    assert {name: method.lr for name, method in METHODS.items()} == {
+        "loca": 1e-2, "s2ft": 1e-2, "fourierft": 5e-2, "fastfourierft": 5e-2, "lora": 1e-3, "full": 5e-5}
+    assert METHODS["fourierft"].scaling == METHODS["fastfourierft"].scaling == 150.0
+    assert METHODS["lora"].scaling is None and METHODS["loca"].scaling == 1.0
+    # a method's own settings belong to it alone
+    owners = [key for method in METHODS.values() for key in method.own_settings]
+    assert len(owners) == len(set(owners))
+
+
+def test_bench_times_every_method_but_full_fine_tuning_the_reference_first():
+    variants = bench_variants()
+    assert list(variants)[0] == REFERENCE == "lora"
+    assert set(variants) == {"lora", "loca", "loca-locations", "s2ft", "fourierft", "fastfourierft"}
+    assert variants["fastfourierft"] == "FourierFT mode (ours)" and variants["lora"] == "LoRA (stock PEFT)"
+
+
+def test_the_commands_read_the_registry():
+    from spectral_peft.tools import arguments
+    from spectral_peft.tools.cli import build_parser
+    from spectral_peft.tools.workloads import VARIANTS
+
+    parser = build_parser()
+    finetune_help = parser.parse_known_args(["finetune", "--method", "loca", "--output", "o"])
+    assert finetune_help[0].method == "loca"
+    assert VARIANTS == tuple(bench_variants())
+    assert set(arguments.COMPARE_DEFAULT_METHODS) <= set(METHOD_NAMES)
+
+
+@pytest.mark.parametrize("name", ["loca", "s2ft", "fourierft", "fastfourierft", "lora", "full"])
+def test_each_method_builds_on_a_tiny_bert_and_groups_its_parameters(name, tiny_bert, batch_factory):
+    import torch
+
+    method = METHODS[name]
+    settings = {"method": name, "n_frequency": 16, "rank": 2, "scaling": method.scaling, "seed": 0,
+                "lr": method.lr, "head_lr": 5e-3, "location_lr": 0.1, "weight_decay": 0.01,
+                "s2ft_prior": "gradient", "prior_batches": 1}
+    peft_fields = {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}
+    batch = {"input_ids": batch_factory(), "labels": torch.tensor([0, 1])}
+    model = method.build(tiny_bert, settings, peft_fields, [batch] if method.uses_prior else None)
+    groups, kinds = parameter_groups(model, settings, "classifier")
+    expected = {"loca": ["update", "head", "locations"], "full": ["update", "head"]}.get(name, ["update", "head"])
+    assert kinds == expected
+    lrs = dict(zip(kinds, (group["lr"] for group in groups)))
+    assert lrs["update"] == method.lr and lrs["head"] == 5e-3
+    if name == "loca":
+        assert lrs["locations"] == 0.1 and groups[2]["weight_decay"] == 0.0
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for group in groups for p in group["params"]}
+    assert (method.schedule is not None) == (name == "loca")
