@@ -22,13 +22,13 @@ import sys
 import torch
 
 from spectral_peft import spectral
-from spectral_peft.bench import _interleaved
+from spectral_peft.tools.bench import interleaved
 from spectral_peft.transforms import makhoul_reorder
 
 
 def _us(call, repeats: int = 300, before=None) -> float:
     """Median of ``repeats`` calls after 20 warm-ups, in microseconds; ``before`` runs untimed ahead of each call."""
-    return statistics.median(_interleaved({"call": call}, repeats, 20, "cpu", before)["call"]) * 1e6
+    return statistics.median(interleaved({"call": call}, repeats, 20, "cpu", before)["call"]) * 1e6
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from spectral_peft import bench, spectral
+from spectral_peft import spectral
+from spectral_peft.tools import bench
 
 SHAPES = {(2048, 2048): 1024, (5632, 2048): 1024, (2048, 5632): 1024, (11008, 4096): 1024, (384, 384): 4096}
 FLOORS = (16, 64, 96, 128)
@@ -38,14 +39,14 @@ def main() -> None:
     calls = {(shape, floor): functools.partial(_with_floor, floor, *case)
              for floor in FLOORS for shape, case in cases.items()}
     with torch.no_grad():
-        times = bench._interleaved(calls, args.rounds, 3, "cpu")
+        times = bench.interleaved(calls, args.rounds, 3, "cpu")
     for shape in SHAPES:
         first = times[(shape, FLOORS[0])]
         cells = []
         for floor in FLOORS:
             kept = times[(shape, floor)]
             cells.append(f"{floor} rows: {statistics.median(kept) * 1e3:.2f} ms "
-                         f"({bench._paired_ratio(kept, first):.3f})")
+                         f"({bench.paired_ratio(kept, first):.3f})")
         print(f"{shape[0]} x {shape[1]}, {SHAPES[shape]} tokens:  " + "  ".join(cells), flush=True)
 
 

@@ -1,7 +1,7 @@
 """A second opinion on `spectral-peft bench`'s Llama-style ratios, written apart from it.
 
 Only public APIs (transformers, stock PEFT, the package's configs and ``prepare_s2ft``), nothing of
-``spectral_peft.bench``. Differences from the project's benchmark, on purpose:
+``spectral_peft.tools.bench``. Differences from the project's benchmark, on purpose:
 
 - every method gets its own full copy of the model (the benchmark shares the frozen weights between methods);
 - the order of the methods is shuffled in every round (the benchmark interleaves them in a fixed order);

@@ -18,20 +18,20 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from spectral_peft import bench
+from spectral_peft.tools import bench, workloads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="loca", choices=bench.METHODS)
+    parser.add_argument("--method", default="loca", choices=workloads.VARIANTS)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    work = bench._workload("llama", "cpu", torch.float32)
-    model = bench._build(args.method, work, 1000, 8).eval()
-    infer = bench._inference_fn(model, work)
+    work = workloads.workload("llama", "cpu", torch.float32)
+    model = workloads.build_variant(args.method, work, 1000, 8).eval()
+    infer = bench.inference_fn(model, work)
     for _ in range(2):
         infer()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -22,13 +22,14 @@ import sys
 
 import torch
 
-from spectral_peft import bench, spectral
+from spectral_peft import spectral
+from spectral_peft.tools import bench, workloads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["base", "lora", "loca", "s2ft", "fastfourierft"],
-                        choices=("base",) + bench.METHODS)
+                        choices=("base",) + workloads.VARIANTS)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -49,22 +50,22 @@ def main() -> None:
         values = [int(value) for value in listed.split(",")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    work = bench._workload("llama", "cpu", torch.float32)
-    models = {name: bench._build(name, work, 1000, 8).eval() for name in args.methods}
+    work = workloads.workload("llama", "cpu", torch.float32)
+    models = {name: workloads.build_variant(name, work, 1000, 8).eval() for name in args.methods}
     ids = torch.randint(0, 1000, (args.batch_size, args.length))
     work.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     calls = {}
     for name, model in models.items():
-        infer = bench._inference_fn(model, work)
+        infer = bench.inference_fn(model, work)
         if name in ("base", "lora") or setting is None:
             calls[name] = infer
             continue
         for value in values:
             calls[f"{name} {setting}={value}"] = functools.partial(_with_setting, infer, setting, value)
-    times = bench._interleaved(calls, args.rounds, 2, "cpu")
+    times = bench.interleaved(calls, args.rounds, 2, "cpu")
     lora = times["lora"]
     for name, t in times.items():
-        ratio, paired = statistics.median(t) / statistics.median(lora), bench._paired_ratio(t, lora)
+        ratio, paired = statistics.median(t) / statistics.median(lora), bench.paired_ratio(t, lora)
         print(f"{name:35s} {statistics.median(t) * 1e3:8.1f} ms   / LoRA {ratio:.3f} / {paired:.3f}")
 
 

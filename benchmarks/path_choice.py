@@ -19,7 +19,7 @@ import torch
 from peft import get_peft_model
 
 from spectral_peft import FastFourierFTConfig, LocaConfig
-from spectral_peft.bench import _interleaved
+from spectral_peft.tools.bench import interleaved
 from spectral_peft.layer import SpectralLinear
 
 CONFIGS = {"loca": LocaConfig, "fastfourierft": FastFourierFTConfig}
@@ -80,7 +80,7 @@ def main() -> None:
                                         model(x)
                         return run
 
-                    times = _interleaved({path: call(path) for path in paths}, 6, 2, device)
+                    times = interleaved({path: call(path) for path in paths}, 6, 2, device)
                     ms = {path: statistics.median(t) * 1e3 / calls for path, t in times.items()}
                     layer.spectral_path = "auto"
                     with torch.set_grad_enabled(training):

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from spectral_peft import spectral
-from spectral_peft.bench import _interleaved, _paired_ratio
+from spectral_peft.tools.bench import interleaved, paired_ratio
 
 SHAPES = [(2048, 2048), (5632, 2048), (2048, 5632)]  # out, in
 
@@ -70,12 +70,12 @@ def main() -> None:
                     spectral._gathers = in_sequence
             return run
 
-        times = _interleaved({"from memory": call(gathers_from_memory), "in sequence": call(in_sequence)},
+        times = interleaved({"from memory": call(gathers_from_memory), "in sequence": call(in_sequence)},
                              args.rounds, 3, "cpu", before=base_product)
         ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         print(f"{m} x {n}, {'training step' if args.training else 'inference'}: from memory {ms['from memory']:.2f} ms, "
               f"in sequence {ms['in sequence']:.2f} ms, paired ratio "
-              f"{_paired_ratio(times['in sequence'], times['from memory']):.3f}", flush=True)
+              f"{paired_ratio(times['in sequence'], times['from memory']):.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import shutil
 import subprocess
 import sys
 
-from spectral_peft.finetune import DEFAULT_LR, METRICS_FILE
+from spectral_peft.tools.checkpoints import METRICS_FILE
+from spectral_peft.tools.methods import METHODS as REGISTRY
 
 METHODS = ("loca", "s2ft", "fourierft", "lora", "full")
 FACTORS = (1 / 3, 1.0, 3.0)
@@ -53,7 +54,7 @@ def main() -> None:
 
     tuning = {}
     for factor in FACTORS:
-        lrs = {m: DEFAULT_LR[m] * factor for m in METHODS}
+        lrs = {m: REGISTRY[m].lr * factor for m in METHODS}
         folder = output / f"tune-x{factor:.2f}"
         compare(folder, common, METHODS, "300", "4", "0", lrs)
         for method in METHODS:

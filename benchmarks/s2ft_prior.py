@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 
 from spectral_peft import S2FTConfig  # noqa: E402
 from spectral_peft.analysis import spectral_energy  # noqa: E402
-from spectral_peft.data import batches, default_model_path, load_bbc_news, tokenize_classification  # noqa: E402
+from spectral_peft.tools.data import batches, default_model_path, load_bbc_news, tokenize_classification  # noqa: E402
 from spectral_peft.s2ft import gradient_prior, lora_prior, nearest_neighbor_order  # noqa: E402
 from spectral_peft.s2ft.layer import S2FTLinear  # noqa: E402
 

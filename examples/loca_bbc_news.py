@@ -1,6 +1,6 @@
 """LoCA on BBC News topic classification with all-MiniLM-L6-v2: the `make demo` job.
 
-Runs offline (HF_HUB_OFFLINE=1) with the model and data shipped as PyPI packages (DESIGN section 6): a few minutes
+Runs offline (HF_HUB_OFFLINE=1) with the model and data shipped as PyPI packages: a few minutes
 on a 2-core CPU. It trains LoCA on the query and value projections plus the classification head for ``--steps``
 optimizer steps, shows the loss falling and the validation accuracy before and after, how many LoCA locations
 moved, the trainable parameter count and the size of the saved adapter, and checks that the saved adapter
@@ -27,14 +27,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 import spectral_peft  # noqa: E402  (registers LoCA with PEFT)
-from spectral_peft.data import (  # noqa: E402
+from spectral_peft.loca import LocaLinear  # noqa: E402
+from spectral_peft.tools.data import (  # noqa: E402
     BBC_NEWS_LABELS,
+    BatchStream,
     batches,
     default_model_path,
     load_bbc_news,
     tokenize_classification,
 )
-from spectral_peft.loca import LocaLinear  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,12 +132,12 @@ def main(argv=None) -> None:
     model.train()
     train_started, eval_seconds = time.perf_counter(), 0.0
     losses, phases = [], []
-    epoch, stream = 0, iter(())
+    data, epoch, stream = BatchStream(train, args.batch_size, seed=args.seed), 0, iter(())
     progress = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True)
     for step in progress:
         batch = next(stream, None)
         if batch is None:  # a new epoch, reshuffled
-            stream = batches(train, args.batch_size, seed=args.seed + epoch)
+            stream = data.epoch(epoch)
             epoch += 1
             batch = next(stream)
         phase = schedule.phase()  # what this step trains
