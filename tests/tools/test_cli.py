@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from .cli_support import bad_input, finetune_argv
 
 
@@ -63,8 +65,6 @@ def test_building_the_parser_imports_neither_torch_nor_the_library():
 
 
 def test_version(capsys):
-    import pytest
-
     from spectral_peft import __version__
     from spectral_peft.tools.cli import main
 

@@ -40,15 +40,18 @@ def test_bench_times_every_method_but_full_fine_tuning_the_reference_first():
     assert variants["fastfourierft"] == "FourierFT mode (ours)" and variants["lora"] == "LoRA (stock PEFT)"
 
 
-def test_the_commands_read_the_registry():
+def test_the_commands_read_the_registry(capsys):
     from spectral_peft.tools import arguments
     from spectral_peft.tools.cli import build_parser
     from spectral_peft.tools.workloads import VARIANTS
 
     parser = build_parser()
-    finetune_help = parser.parse_known_args(["finetune", "--method", "loca", "--output", "o"])
-    assert finetune_help[0].method == "loca"
-    assert VARIANTS == tuple(bench_variants())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "one of " + ", ".join(METHOD_NAMES) in help_text
+    assert ", ".join(f"{method.name} {method.lr:g}" for method in METHODS.values()) in help_text
+    assert parser.parse_args(["bench"]).methods == list(bench_variants()) and VARIANTS == tuple(bench_variants())
     assert set(arguments.COMPARE_DEFAULT_METHODS) <= set(METHOD_NAMES)
 
 
