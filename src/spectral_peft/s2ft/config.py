@@ -11,6 +11,9 @@ from ..spectral import TRANSFORMS
 PRIORS = ("gradient", "lora")
 PRIOR_OPTIMIZERS = ("sgd", "adam")
 PRIOR_LRS = {"sgd": 0.1, "adam": 1e-3}  # each optimizer's default warm-up learning rate (docs/s2ft.md)
+# how rows and columns are reordered before the coefficients are placed: S2FT's nearest-neighbour chain, the
+# identity (cells at the prior's own top DCT cells: the reordering switched off), or a seeded random permutation
+ORDERINGS = ("nearest_neighbor", "none", "random")
 
 
 @dataclass
@@ -47,6 +50,15 @@ class S2FTConfig(SpectralConfig):
         metadata={"help": "Learning rate of the LoRA warm-up (default: 0.1 for 'sgd', 1e-3 for 'adam')."},
     )
     refine_passes: int = field(default=3, metadata={"help": "2-opt passes refining each greedy ordering (0: none)."})
+    ordering: str = field(
+        default="nearest_neighbor",
+        metadata={
+            "help": "How rows and columns are reordered from the prior: 'nearest_neighbor' (default, S2FT), 'none' "
+            "(identity: coefficients at the top cells of the prior's own spectrum) or 'random' (a random "
+            "permutation drawn from ordering_seed and the module's name; the ablation's control)."
+        },
+    )
+    ordering_seed: int = field(default=0, metadata={"help": "Seed of ordering='random' (mixed with each module's name)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +66,10 @@ class S2FTConfig(SpectralConfig):
             raise ValueError(f"S2FTConfig.transform must be one of {TRANSFORMS}, got {self.transform!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"S2FTConfig.prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"S2FTConfig.ordering must be one of {ORDERINGS}, got {self.ordering!r}")
+        if not isinstance(self.ordering_seed, int) or isinstance(self.ordering_seed, bool):
+            raise ValueError(f"S2FTConfig.ordering_seed must be an integer, got {self.ordering_seed!r}")
         if self.prior_optimizer not in PRIOR_OPTIMIZERS:
             raise ValueError(f"S2FTConfig.prior_optimizer must be one of {PRIOR_OPTIMIZERS}, got {self.prior_optimizer!r}")
         for name in ("prior_batches", "prior_steps", "prior_rank", "refine_passes"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import zlib
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -185,6 +186,20 @@ def top_cells(spectrum: torch.Tensor, n: int, transform: str) -> torch.Tensor:
     return top_power_cells(spectrum.abs().pow(2), n, transform)
 
 
+def prior_orders(prior: torch.Tensor, config: S2FTConfig, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and column orders of a target matrix from its ``prior`` (out x in), as ``config.ordering`` says:
+    the nearest-neighbour chains (S2FT), the identity, or random permutations seeded by ``ordering_seed`` and the
+    module's name (the same on every rank and rerun)."""
+    rows, cols = prior.shape
+    if config.ordering == "none":
+        return torch.arange(rows), torch.arange(cols)
+    if config.ordering == "random":
+        generator = torch.Generator().manual_seed(config.ordering_seed ^ zlib.crc32(module_name.encode()))
+        return torch.randperm(rows, generator=generator), torch.randperm(cols, generator=generator)
+    return (nearest_neighbor_order(prior, refine_passes=config.refine_passes),
+            nearest_neighbor_order(prior.T, refine_passes=config.refine_passes))
+
+
 def _all_reduce_priors(priors: dict[str, torch.Tensor], mode: str) -> None:
     """Make every rank of a distributed run hold the same priors (summed gradients, or rank 0's LoRA)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -200,7 +215,8 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
     """Wrap ``model`` with an S2FT adapter ready to train.
 
     Estimates a prior weight change per target matrix from ``batches`` (dicts of model inputs with labels, as a
-    ``DataLoader`` yields them), orders rows and columns of each prior by the nearest-neighbour chain, and places
+    ``DataLoader`` yields them), orders rows and columns of each prior by the nearest-neighbour chain (or as
+    ``config.ordering`` says: the identity or a random permutation, the ablations of the reordering), and places
     the ``n_frequency`` coefficients at the largest-energy cells of the permuted prior's spectrum. Coefficients
     start at zero, so the returned model computes exactly what ``model`` did. Under ``torch.distributed`` every
     rank ends with the same orderings and locations.
@@ -233,8 +249,7 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
             if not torch.isfinite(prior).all():
                 raise ValueError(f"prepare_s2ft: the prior of module '{layer.module_name}' contains NaN or Inf")
             n = layer.s2ft_coefficients[adapter_name].numel()
-            row_order = nearest_neighbor_order(prior, refine_passes=config.refine_passes)
-            col_order = nearest_neighbor_order(prior.T, refine_passes=config.refine_passes)
+            row_order, col_order = prior_orders(prior, config, layer.module_name)
             spectrum = transform_2d(permute(prior, row_order, col_order), config.transform)
             placements[layer] = (row_order, col_order, top_cells(spectrum, n, config.transform))
         # only now that every matrix succeeded is anything installed
