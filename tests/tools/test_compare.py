@@ -49,8 +49,10 @@ def test_compare_writes_results_and_skips_finished_cells(capsys, files, tmp_path
     for row in rows.values():
         assert row["seeds"] == [0, 1] and len(row["accuracy_values"]) == 2
         assert row["accuracy_std"] is not None and row["trainable_params"] > 0 and row["adapter_bytes"] > 0
-    # LoCA: 16 coefficients and 2 x 16 float locations per matrix; S2FT: 16 coefficients (4 matrices)
-    assert rows[("loca", "n16")]["adapter_params"] == 3 * rows[("s2ft", "n16")]["adapter_params"] == 3 * 64
+    # LoCA and S2FT: 16 coefficients per matrix (4 matrices); LoCA's 2 x 16 float locations are counted apart
+    assert rows[("loca", "n16")]["adapter_params"] == rows[("s2ft", "n16")]["adapter_params"] == 64
+    assert rows[("loca", "n16")]["location_params"] == 2 * 64 and rows[("s2ft", "n16")]["location_params"] == 0
+    assert "| 64 (+128 locations) |" in (tmp_path / "results.md").read_text()
     lrs = {c["method"]: c["lr"] for c in results["cells"]}
     assert lrs["loca"] == 0.02 and lrs["lora"] == 0.002 and lrs["s2ft"] == 0.01  # s2ft: its default
     table = (tmp_path / "results.md").read_text()

@@ -81,8 +81,9 @@ def test_finetune_writes_a_finished_run_and_evaluate_reproduces_it(capsys, files
     else:
         assert metrics["location_params"] == 0
     if method in ("loca", "s2ft", "fourierft", "fastfourierft"):
-        # n_frequency per matrix on query and value of 2 layers (+ locations for LoCA) + the head
-        assert metrics["adapter_params"] == 16 * 4 + metrics["location_params"]
+        # n_frequency per matrix on query and value of 2 layers; LoCA's locations are counted apart
+        assert metrics["adapter_params"] == 16 * 4
+        assert metrics["trainable_params"] == metrics["adapter_params"] + metrics["head_params"]
 
     code, out, err = run(capsys, "evaluate", "--adapter", output, "--threads", "1")
     assert code == 0, out + err

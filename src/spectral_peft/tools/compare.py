@@ -127,8 +127,8 @@ def aggregate(cells: list[dict], metric: str) -> list[dict]:
         done = [c for c in row["cells"] if c["status"] == "finished"]
         result = {"method": row["method"], "budget": row["budget"], "seeds": [c["seed"] for c in done],
                   "failed_seeds": [c["seed"] for c in row["cells"] if c["status"] != "finished"]}
-        for key in ("trainable_params", "adapter_params", "adapter_bytes"):
-            result[key] = done[0][key] if done else None
+        for key in ("trainable_params", "adapter_params", "location_params", "adapter_bytes"):
+            result[key] = done[0].get(key) if done else None
         for key in (metric, "macro_f1"):
             values = [c["test"][key] for c in done if key in c["test"]]
             result[f"{key}_mean"], result[f"{key}_std"] = _mean_std(values)
@@ -156,7 +156,10 @@ def markdown_table(rows: list[dict], metric: str) -> str:
     header += ["s / step", "peak MiB", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
-        cells = [row["method"], row["budget"], _number(row["trainable_params"]), _number(row["adapter_params"]),
+        adapter = _number(row["adapter_params"])
+        if row.get("location_params"):
+            adapter += f" (+{_number(row['location_params'])} locations)"
+        cells = [row["method"], row["budget"], _number(row["trainable_params"]), adapter,
                  _number(row["adapter_bytes"]), _fmt(row[f"{metric}_mean"], row[f"{metric}_std"])]
         if classification:
             cells.append(_fmt(row["macro_f1_mean"], row["macro_f1_std"]))
@@ -188,7 +191,8 @@ def _read_cell(folder: pathlib.Path, cell: dict) -> dict:
         return record
     metrics = json.loads(path.read_text())
     record.update(status="finished", test=metrics["test"], trainable_params=metrics["trainable_params"],
-                  adapter_params=metrics["adapter_params"], adapter_bytes=metrics["adapter_bytes"],
+                  adapter_params=metrics["adapter_params"], location_params=metrics.get("location_params", 0),
+                  adapter_bytes=metrics["adapter_bytes"],
                   time_per_step_s=metrics["time_per_step_s"], peak_memory_mib=metrics["peak_memory_mib"],
                   wall_time_s=metrics["wall_time_s"], steps=metrics["steps"], lr=metrics["settings"]["lr"],
                   scaling=metrics["settings"]["scaling"])
@@ -316,9 +320,10 @@ def _write_results(output: pathlib.Path, args: argparse.Namespace, task, info, r
         f"{metric} on the test split ({'mean ± std over seeds' if n_seeds > 1 else 'one seed'}); "
         f"{', '.join(str(s) for s in steps) or '?'} optimizer steps; learning rates "
         + ", ".join(f"{m} {lr:g}" for m, lr in lrs_used) + ".\n"
-        + "Trainable params include the classification head; adapter params exclude it (LoCA's count includes its "
-          "2 float locations per coefficient). Adapter bytes: the saved weights file. s / step: median wall time "
-          "of an optimizer step. Peak MiB: the cell process's peak resident memory.\n\n"
+        + "Trainable params: the trained weights, classification head included; adapter params exclude the head. "
+          "LoCA's 2 float locations per coefficient are positions, not weights: not counted in either, shown apart "
+          "(+N locations). Adapter bytes: the saved weights file. s / step: median wall time of an optimizer step. "
+          "Peak MiB: the cell process's peak resident memory.\n\n"
         + table + "\n"
         + (f"\nCommand: `{command.strip()}`\n" if command.strip() != "spectral-peft compare" else "")
     ))

@@ -7,6 +7,7 @@ neither torch nor PEFT (the command line's help is built from it); the builders 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -93,6 +94,7 @@ def _build_s2ft(base, settings: Mapping, peft_fields: dict, prior_batches=None):
         S2FTConfig, n_frequency=settings["n_frequency"], scaling=settings.get("scaling"),
         prior=settings.get("s2ft_prior"), prior_batches=settings.get("prior_batches"),
         transform=settings.get("s2ft_transform"), prior_optimizer=settings.get("s2ft_prior_optimizer"),
+        ordering=settings.get("s2ft_ordering"), ordering_seed=settings.get("seed"),
         **peft_fields,
     )
     if prior_batches is None:
@@ -113,7 +115,8 @@ def _fill_s2ft_settings(settings: dict) -> None:
     from spectral_peft import S2FTConfig
 
     defaults = {field.name: field.default for field in dataclasses.fields(S2FTConfig)}
-    for key, field in (("s2ft_prior", "prior"), ("s2ft_prior_optimizer", "prior_optimizer")):
+    for key, field in (("s2ft_prior", "prior"), ("s2ft_prior_optimizer", "prior_optimizer"),
+                       ("s2ft_ordering", "ordering")):
         if settings.get(key) is None:
             settings[key] = defaults[field]
 
@@ -144,6 +147,10 @@ class Method:
     fill_settings: Optional[Callable[[dict], None]] = None  # fills in the defaults of its own settings
     # what bench times of it: variant -> its label in bench's tables (None: the method itself, under its label)
     bench_variants: Optional[Mapping[str, str]] = None
+    # an ablation: the method it is a variant of (its build, defaults and own settings) and the settings it fixes,
+    # whatever the command line says (e.g. LoCA with location_learning_steps 0: locations frozen at their start)
+    variant_of: Optional[str] = None
+    presets: Optional[Mapping[str, object]] = None
 
     def timed_variants(self) -> dict:
         return dict(self.bench_variants) if self.bench_variants is not None else {self.name: self.label}
@@ -159,7 +166,7 @@ _METHODS = (
            bench_variants={"loca": "LoCA, coefficient phase", "loca-locations": "LoCA, location phase"}),
     Method("s2ft", "S2FT", N_FREQUENCY, lr=1e-2, scaling=1.0, build=_build_s2ft, uses_prior=True,
            fill_settings=_fill_s2ft_settings,
-           own_settings=("s2ft_prior", "prior_batches", "s2ft_prior_optimizer", "s2ft_transform")),
+           own_settings=("s2ft_prior", "prior_batches", "s2ft_prior_optimizer", "s2ft_transform", "s2ft_ordering")),
     Method("fourierft", "FourierFT (stock PEFT)", N_FREQUENCY, lr=5e-2, scaling=150.0, build=_build_fourierft),
     Method("fastfourierft", "fast FourierFT", N_FREQUENCY, lr=5e-2, scaling=150.0, build=_build_fastfourierft,
            bench_variants={"fastfourierft": "FourierFT mode (ours)"}),
@@ -167,7 +174,25 @@ _METHODS = (
     Method("full", "full fine-tuning", NO_BUDGET, lr=5e-5, scaling=None, build=_build_full,
            parameter_kind=_full_parameter_kind, bench_variants={}),
 )
-METHODS: dict[str, Method] = {method.name: method for method in _METHODS}
+
+
+def _ablation(of: Method, name: str, label: str, **presets) -> Method:
+    """A variant of ``of`` with one mechanism switched off (``presets``), for the ablations of docs/results.md;
+    bench does not time it (its layers are the method's own)."""
+    return dataclasses.replace(of, name=name, label=label, variant_of=of.name, presets=presets, bench_variants={})
+
+
+_LOCA, _S2FT = _METHODS[0], _METHODS[1]
+# the ablations: each is its method with one mechanism switched off, at the same number of coefficients
+_ABLATIONS = (
+    _ablation(_LOCA, "loca-frozen", "LoCA, locations frozen at their random start", location_learning_steps=0),
+    _ablation(_S2FT, "s2ft-unordered", "S2FT without reordering (the prior's own top DCT cells)",
+              s2ft_ordering="none"),
+    _ablation(_S2FT, "s2ft-random", "S2FT with a random reordering", s2ft_ordering="random"),
+    _ablation(_S2FT, "dct-prior", "top-n DCT cells of a gradient prior, fixed (no reordering, no location learning)",
+              s2ft_prior="gradient", s2ft_ordering="none"),
+)
+METHODS: dict[str, Method] = {method.name: method for method in _METHODS + _ABLATIONS}
 METHOD_NAMES = tuple(METHODS)
 
 

@@ -68,7 +68,8 @@ def plot_training(path: pathlib.Path, losses: list[float], validation: list[dict
 
 
 def plot_comparison(path: pathlib.Path, rows: list[dict], metric: str, title: str = "") -> None:
-    """Test ``metric`` (mean, with the std over seeds as error bars) against trainable parameters, log x."""
+    """Test ``metric`` (mean, with the std over seeds as error bars) against trained parameters (the weights, as
+    :func:`~spectral_peft.tools.training.count_parameters` counts them: LoCA's locations apart), log x."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     methods = list(dict.fromkeys(row["method"] for row in rows))
@@ -84,7 +85,7 @@ def plot_comparison(path: pathlib.Path, rows: list[dict], metric: str, title: st
         for r, x, y in zip(mine, xs, ys):
             ax.annotate(r["budget"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_xlabel("trained parameters, head included; LoCA's locations not counted (log scale)")
     ax.set_ylabel(f"test {metric.replace('_', ' ')}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

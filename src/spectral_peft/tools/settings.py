@@ -16,7 +16,7 @@ from .tasks import CLASSIFICATION, Task
 TRAINING_KEYS = (
     "method", "model", "task", "n_frequency", "rank", "scaling", "lr", "head_lr", "location_lr",
     "loca_coefficient_steps", "loca_location_steps", "location_learning_steps", "s2ft_prior", "prior_batches",
-    "s2ft_prior_optimizer", "s2ft_transform", "steps", "batch_size", "grad_accum", "max_length", "seed", "target_modules",
+    "s2ft_prior_optimizer", "s2ft_transform", "s2ft_ordering", "steps", "batch_size", "grad_accum", "max_length", "seed", "target_modules",
     "warmup_ratio", "weight_decay", "val_fraction", "test_fraction",
 )
 # every method's own settings: for the other methods they are None
@@ -52,6 +52,7 @@ def resolve_settings(args: argparse.Namespace, task: Task, n_train: int, info=No
         settings["rank"] = None
     for key in _OWN_SETTINGS - set(method.own_settings):
         settings[key] = None
+    settings.update(method.presets or {})  # an ablation's fixed settings, whatever the options said
     if method.fill_settings is not None:
         method.fill_settings(settings)
     if task.kind != CLASSIFICATION:
@@ -83,7 +84,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--weight-decay must be 0 or more, got {args.weight_decay}")
     if getattr(args, "method", None) is not None and args.method not in METHODS:
         raise UsageError(f"unknown method '{args.method}'; choose one of {', '.join(METHOD_NAMES)}")
-    if getattr(args, "method", None) == "loca" and args.loca_coefficient_steps + args.loca_location_steps == 0:
+    if getattr(args, "method", None) in ("loca", "loca-frozen") and args.loca_coefficient_steps + args.loca_location_steps == 0:
         raise UsageError("--loca-coefficient-steps and --loca-location-steps cannot both be 0")
 
 

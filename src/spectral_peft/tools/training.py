@@ -38,19 +38,22 @@ def peak_memory_mib() -> float:
 
 
 def count_parameters(model, groups: list, kinds: list) -> dict:
-    """Trainable parameters in all, of the head and of LoCA's locations; the adapter's (all but the head's); and
-    every parameter of the model."""
+    """The trained parameters, one convention everywhere (tables, plots, metrics.json): weights only, the head
+    included (``trainable_params``) and without it (``adapter_params``: coefficients, LoRA factors, or every
+    weight); LoCA's float locations are positions, not weights (as its paper counts), and are listed apart
+    (``location_params``, 2 per coefficient). Also every parameter of the model (``total_params``)."""
     kind_of = {id(p): kind for group, kind in zip(groups, kinds) for p in group["params"]}
     counts = {"trainable_params": 0, "head_params": 0, "location_params": 0}
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        counts["trainable_params"] += param.numel()
         kind = kind_of.get(id(param))
+        if kind == "locations":
+            counts["location_params"] += param.numel()
+            continue
+        counts["trainable_params"] += param.numel()
         if kind == "head":
             counts["head_params"] += param.numel()
-        elif kind == "locations":
-            counts["location_params"] += param.numel()
     counts["adapter_params"] = counts["trainable_params"] - counts["head_params"]
     counts["total_params"] = sum(p.numel() for p in model.parameters())
     return counts
