@@ -7,6 +7,7 @@ layer, and whatever the optimizer still does to it (momentum, weight decay) is u
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -16,6 +17,11 @@ from .config import LocaConfig
 from .layer import LocaLinear
 
 COEFFICIENTS, LOCATIONS, FINAL = "coefficients", "locations", "final"
+# one learning rate of the locations, in cells per step, for the API (loca_param_groups) and the command line
+DEFAULT_LOCATION_LR = 0.1
+# with Adam a location moves at most about its learning rate per step: below half a cell in all it never rounds to
+# another cell
+_HALF_CELL = 0.5
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -35,6 +41,36 @@ def _loca_adapters(model: nn.Module) -> dict[str, LocaConfig]:
     return adapters
 
 
+def default_schedule(coefficient_steps: int, location_steps: int, total_steps: int) -> tuple[int, int, int]:
+    """``(coefficient_steps, location_steps, location_learning_steps)`` for a config whose
+    ``location_learning_steps`` is None, in a run of ``total_steps`` optimizer steps.
+
+    Locations learn during 10% of the run, but never less than one full cycle (``coefficient_steps`` then
+    ``location_steps``): a short run still learns its locations. Where one cycle is longer than half the run, the
+    cycle is shrunk to half the run in the same ratio (at least one coefficient step first, since a location's
+    gradient is proportional to its coefficient, zero at the start, and one location step), so the coefficients
+    still train alone in the second half. A run of fewer than 4 steps learns no location.
+    """
+    cycle = coefficient_steps + location_steps
+    if location_steps == 0:
+        return coefficient_steps, location_steps, int(0.1 * total_steps)
+    window = max(int(0.1 * total_steps), cycle)
+    half = total_steps // 2
+    if window <= half:
+        return coefficient_steps, location_steps, window
+    if half < 2:
+        return coefficient_steps, location_steps, 0
+    locations = min(half - 1, max(1, round(half * location_steps / cycle)))
+    return half - locations, locations, half
+
+
+def location_step_count(coefficient_steps: int, location_steps: int, location_learning_steps: int) -> int:
+    """How many optimizer steps train locations under this schedule."""
+    cycle = coefficient_steps + location_steps
+    full, rest = divmod(location_learning_steps, cycle)
+    return full * location_steps + max(0, rest - coefficient_steps)
+
+
 def phase_at(step: int, coefficient_steps: int, location_steps: int, location_learning_steps: int) -> str:
     """The phase of optimizer step ``step`` (0-based)."""
     if step >= location_learning_steps:
@@ -48,8 +84,13 @@ class LocaSchedule:
 
     Args:
         model: the PEFT model (or a ``DistributedDataParallel`` wrapping it).
-        total_steps: total optimizer steps of the run; ``location_learning_steps=None`` in the config means 10%
-            of it.
+        total_steps: total optimizer steps of the run; with ``location_learning_steps=None`` in the config,
+            locations learn for 10% of it but at least one full cycle (:func:`default_schedule`, which shrinks the
+            cycle of a run shorter than two cycles).
+
+    A schedule under which no location can move (no location step, other than by ``location_learning_steps=0``,
+    the way to freeze locations on purpose) warns (``UserWarning``); :meth:`check_location_lr` warns where the
+    location learning rate is too small for any location to reach another cell.
     """
 
     def __init__(self, model: nn.Module, total_steps: Optional[int] = None):
@@ -65,8 +106,18 @@ class LocaSchedule:
                         "total_steps; pass total_steps (locations then learn for its first 10%) or set "
                         "LocaConfig.location_learning_steps"
                     )
-                learning_steps = int(0.1 * total_steps)
-            self.bounds[name] = (cfg.coefficient_steps, cfg.location_steps, learning_steps)
+                self.bounds[name] = default_schedule(cfg.coefficient_steps, cfg.location_steps, total_steps)
+            else:
+                self.bounds[name] = (cfg.coefficient_steps, cfg.location_steps, learning_steps)
+            if self.location_steps(name) == 0 and learning_steps != 0:
+                warnings.warn(
+                    f"LoCA adapter '{name}': no optimizer step of this schedule trains locations (coefficient_steps "
+                    f"{self.bounds[name][0]}, location_steps {self.bounds[name][1]}, location_learning_steps "
+                    f"{self.bounds[name][2]}{'' if total_steps is None else f', total_steps {total_steps}'}), so "
+                    "every location stays at its random start; give location_learning_steps more than "
+                    "coefficient_steps (or None), or set it to 0 to freeze locations on purpose",
+                    UserWarning, stacklevel=2,
+                )
         self.layers = [
             (layer, name) for layer in root.modules() if isinstance(layer, LocaLinear)
             for name in self.adapters if name in layer.loca_coefficients
@@ -74,6 +125,25 @@ class LocaSchedule:
         self.step_count = 0
         self._snapshots: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._apply()
+
+    def location_steps(self, adapter_name: Optional[str] = None) -> int:
+        """How many optimizer steps of the run train the locations of ``adapter_name`` (default: the first)."""
+        name = adapter_name if adapter_name is not None else next(iter(self.bounds))
+        return location_step_count(*self.bounds[name])
+
+    def check_location_lr(self, location_lr: float) -> Optional[str]:
+        """A warning (also returned) when ``location_lr`` times the location steps is under half a cell: with Adam a
+        location then never rounds to another cell. None when locations can move (or are frozen on purpose)."""
+        for name in self.bounds:
+            steps = self.location_steps(name)
+            if steps and location_lr * steps < _HALF_CELL:
+                message = (f"LoCA adapter '{name}': location_lr {location_lr:g} cells per step over its {steps} "
+                           f"location steps moves a location at most about {location_lr * steps:.2g} cells, under "
+                           "the half cell it needs to reach another one: no location will move; raise location_lr "
+                           "or the location steps")
+                warnings.warn(message, UserWarning, stacklevel=2)
+                return message
+        return None
 
     def phase(self, adapter_name: Optional[str] = None) -> str:
         """The phase of the coming optimizer step: 'coefficients', 'locations' or 'final'."""
@@ -115,7 +185,7 @@ class LocaSchedule:
 
 
 def loca_param_groups(
-    model: nn.Module, lr: float, location_lr: float = 0.05, weight_decay: float = 0.0
+    model: nn.Module, lr: float, location_lr: float = DEFAULT_LOCATION_LR, weight_decay: float = 0.0
 ) -> list[dict]:
     """Optimizer parameter groups: LoCA locations in a group of their own (``location_lr``, no weight decay).
 
