@@ -81,6 +81,21 @@ def restore_trainable_state(model, checkpoint: dict, where) -> None:
                          f"(missing {sorted(trainable & set(missing))[:3]}, unexpected {unexpected[:3]})")
 
 
+def _schedule(method, model, settings: dict):
+    """The method's schedule for the run; what it warns of (a LoCA run whose locations can never move: no location
+    step, or a location lr too small to reach another cell) goes to the run's log."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schedule = method.schedule(model, settings["steps"])
+        if settings.get("location_lr") is not None and hasattr(schedule, "check_location_lr"):
+            schedule.check_location_lr(settings["location_lr"])
+    for warning in caught:
+        log(f"warning: {warning.message}")
+    return schedule
+
+
 class Training:
     """One run's optimizer, lr schedule, LoCA schedule and curves, from scratch or from a ``checkpoint`` (whose
     trainable state :func:`restore_trainable_state` has put into ``model``). ``started``: when the run's process
@@ -104,7 +119,7 @@ class Training:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.start_step, self.history = checkpoint["step"], checkpoint["history"]
-        self.schedule = method.schedule(model, total) if method.schedule is not None else None
+        self.schedule = _schedule(method, model, settings) if method.schedule is not None else None
         if checkpoint is not None:
             if self.schedule is not None:
                 self.schedule.load_state_dict(checkpoint["loca_schedule"])
