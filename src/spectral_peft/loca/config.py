@@ -14,7 +14,9 @@ class LocaConfig(SpectralConfig):
 
     The schedule (:class:`~spectral_peft.LocaSchedule`) alternates ``coefficient_steps`` optimizer steps training
     coefficients only with ``location_steps`` training locations only, for the first ``location_learning_steps``
-    steps; then locations are frozen and coefficients train to the end.
+    steps; then locations are frozen and coefficients train to the end. ``location_learning_steps=None`` gives every
+    run at least one full cycle (:func:`~spectral_peft.loca.schedule.default_schedule`); 0 freezes the locations
+    at their random start.
     """
 
     PEFT_TYPE = "LOCA"
@@ -25,7 +27,8 @@ class LocaConfig(SpectralConfig):
         default=None,
         metadata={
             "help": "B_s: optimizer steps during which locations may move. None: 10% of the total steps given "
-            "to LocaSchedule."
+            "to LocaSchedule, but at least one full cycle (in a run shorter than two cycles the cycle shrinks to "
+            "half the run). 0: locations stay at their random start."
         },
     )
     location_seed: Optional[int] = field(
