@@ -10,7 +10,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spectral_peft.tools.cli import main  # noqa: E402
+from spectral_peft_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

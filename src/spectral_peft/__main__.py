@@ -1,7 +1,7 @@
-"""``python -m spectral_peft``: the ``spectral-peft`` command."""
+"""``python -m spectral_peft``: the ``spectral-peft`` command (its front end is ``spectral_peft_cli``)."""
 
 import sys
 
-from .tools.cli import main
+from spectral_peft_cli import main
 
 sys.exit(main())

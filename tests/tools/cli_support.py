@@ -110,7 +110,7 @@ def finetune_argv(model, task, output, *extra) -> list:
 def bad_input(capsys, argv, output, message: str) -> str:
     """Runs the command; checks exit code 2, one error line naming the problem, no traceback and, when ``output``
     is given, no output folder (validation comes before anything is created). Returns the error line."""
-    from spectral_peft.tools.cli import main
+    from spectral_peft_cli import main
 
     code = main([str(a) for a in argv])
     _, err = capsys.readouterr()

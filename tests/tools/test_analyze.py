@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spectral_peft.tools.analyze_report import layer_type
-from spectral_peft.tools.cli import main
+from spectral_peft_cli import main
 
 from .cli_support import bad_input, examples, make_tiny_bert, make_tiny_gpt2, make_tokenizer, write_csv
 

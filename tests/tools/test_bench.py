@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spectral_peft.tools import bench
-from spectral_peft.tools.cli import main
+from spectral_peft_cli import main
 from spectral_peft.tools.workloads import workload
 
 pytestmark = pytest.mark.usefixtures("one_thread")

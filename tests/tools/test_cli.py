@@ -35,38 +35,43 @@ def test_console_script_and_module_entry_points():
         assert "Traceback" not in result.stderr
 
 
-# the package's __init__ registers the methods with PEFT (so it imports torch, transformers and PEFT): the tools are
-# loaded here without it, to see what the command line itself imports
-LIGHT_PARSER = r"""
-import importlib.util, sys, types
-spec = importlib.util.find_spec("spectral_peft")
-package = types.ModuleType("spectral_peft")
-package.__path__ = list(spec.submodule_search_locations)
-sys.modules["spectral_peft"] = package
-from spectral_peft.tools import cli
-parser = cli.build_parser()
+# what the front end loads for help and for bad input: nothing of torch, transformers, PEFT or the library
+LIGHT = r"""
+import sys
+from spectral_peft_cli import build_parser, main
+parser = build_parser()
 for argv in (["--help"], ["finetune", "--help"], ["evaluate", "--help"], ["compare", "--help"], ["bench", "--help"],
              ["analyze", "--help"]):
     try:
         parser.parse_args(argv)
     except SystemExit as exit:
         assert exit.code == 0, argv
-heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "peft", "numpy")
-               or (name.startswith("spectral_peft.") and not name.startswith("spectral_peft.tools")))
+bad = [["finetune", "--method", "nonsense", "--output", "x"], ["finetune", "--method", "lora", "--task", "nope.csv",
+       "--output", "x"], ["compare", "--methods", "loca,nope", "--output", "x"], ["evaluate", "--adapter", "nope"],
+       ["analyze", "--adapter", "nope", "--output", "x"], ["finetune", "--method", "lora", "--task", TASK,
+       "--output", "x"]]
+for argv in bad:
+    assert main(argv) == 2, argv
+heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "peft", "numpy",
+               "spectral_peft", "PIL"))
 print("heavy:", heavy)
 """
 
 
-def test_building_the_parser_imports_neither_torch_nor_the_library():
-    result = subprocess.run([sys.executable, "-c", LIGHT_PARSER], capture_output=True, text=True, timeout=120)
+def test_help_and_bad_input_load_neither_torch_nor_the_library(tmp_path):
+    table = tmp_path / "tweets.csv"
+    table.write_text("id,sentiment,tweet\n1,positive,good\n")  # the wrong columns: a problem found by the front end
+    code = LIGHT.replace("TASK", repr(str(table)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--n-frequency" in result.stdout and "--sweep-widths" in result.stdout  # the commands' help was printed
+    assert "no 'text' column" in result.stderr and "unknown method 'nope'" in result.stderr
     assert result.stdout.strip().splitlines()[-1] == "heavy: []"
 
 
 def test_version(capsys):
     from spectral_peft import __version__
-    from spectral_peft.tools.cli import main
+    from spectral_peft_cli import main
 
     with pytest.raises(SystemExit) as exit:
         main(["--version"])

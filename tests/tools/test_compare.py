@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from spectral_peft.tools.cli import main
-from spectral_peft.tools.compare import aggregate, cell_argv, markdown_table, parse_per_method, plan_cells
+from spectral_peft_cli import main
+from spectral_peft.tools.compare import aggregate, cell_argv, markdown_table, plan_cells
 from spectral_peft.tools.errors import UsageError
+from spectral_peft_cli.checks import parse_per_method
 
 from .cli_support import bad_input, examples, make_tiny_bert, write_csv
 
@@ -147,7 +148,7 @@ def test_a_cells_command_line_gives_finetune_the_cells_options(tmp_path):
     an in-process one does)."""
     import argparse
 
-    from spectral_peft.tools.cli import build_parser
+    from spectral_peft_cli import build_parser
     from spectral_peft.tools.compare import cell_namespace
 
     compare_args = build_parser().parse_args(["compare", "--output", str(tmp_path), "--steps", "7", "--quiet",

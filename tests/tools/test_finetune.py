@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spectral_peft.tools.cli import main
+from spectral_peft_cli import main
 
 from .cli_support import (
     bad_input,

@@ -45,10 +45,19 @@ def test_bench_times_every_method_but_full_fine_tuning_the_reference_first():
     assert variants["fastfourierft"] == "FourierFT mode (ours)" and variants["lora"] == "LoRA (stock PEFT)"
 
 
+def test_the_command_lines_copy_of_the_registry_equals_it():
+    """The front end keeps the names and defaults it shows as plain data (it cannot import the registry light)."""
+    from spectral_peft_cli import registry
+
+    assert registry.METHOD_NAMES == METHOD_NAMES
+    assert registry.METHOD_LRS == {name: method.lr for name, method in METHODS.items()}
+    assert registry.VARIANT_OF == {name: method.variant_of for name, method in METHODS.items() if method.variant_of}
+    assert registry.BENCH_VARIANTS == tuple(bench_variants())
+
+
 def test_the_commands_read_the_registry(capsys):
-    from spectral_peft.tools import arguments
-    from spectral_peft.tools.cli import build_parser
     from spectral_peft.tools.workloads import VARIANTS
+    from spectral_peft_cli import arguments, build_parser
 
     parser = build_parser()
     with pytest.raises(SystemExit):

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from spectral_peft.analysis import FRACTIONS, RANKS, analyze_matrix, compare_locations, white_noise_reference
+from spectral_peft_cli.arguments import DATA_DEFAULTS, option_tokens
 
 from .analyze_report import (
     APPROXIMATIONS,
@@ -35,11 +36,10 @@ from .analyze_report import (
     summarize,
     verdict_counts,
 )
-from .arguments import DATA_DEFAULTS, flag, option_tokens
 from .errors import UsageError, first_line
 from .files import write_json, write_text
-from .models import HEAD_NAMES, ModelInfo, check_compatible, head_name, load_base_model, load_tokenizer, resolve_model
-from .tasks import CLASSIFICATION, LANGUAGE_MODELING, Task
+from .models import HEAD_NAMES, ModelInfo, check_compatible, head_name, load_base_model, load_processor, resolve_model
+from .tasks import CLASSIFICATION, IMAGE_CLASSIFICATION, LANGUAGE_MODELING, Task, file_format, is_classification
 
 
 def _run_json(folder: Optional[str]) -> dict:
@@ -82,30 +82,6 @@ def _settings(args: argparse.Namespace) -> dict:
     settings["prior"] = args.prior if args.prior != "auto" else "gradient" if known_data else "none"
     settings["prior_batches"] = args.prior_batches
     return settings
-
-
-def _check_arguments(args: argparse.Namespace) -> None:
-    if args.tuned is None and args.adapter is None:
-        raise UsageError("give --tuned (a fully fine-tuned model) or --adapter (a PEFT adapter folder), or both")
-    for key in ("prior_batches", "max_length", "batch_size", "threads"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise UsageError(f"{flag(key)} must be positive, got {value}")
-    if args.adapter is not None:
-        folder = pathlib.Path(args.adapter).expanduser()
-        if not folder.is_dir():
-            raise UsageError(f"--adapter folder not found: {args.adapter}")
-        if not (folder / "adapter_config.json").is_file():
-            raise UsageError(f"--adapter {args.adapter} has no adapter_config.json; it is not a PEFT adapter folder"
-                             + (" (it holds a whole model: pass it as --tuned)" if (folder / "config.json").is_file()
-                                else ""))
-    if args.target_modules is not None and args.tuned is None:
-        raise UsageError("--target-modules applies to --tuned; an adapter's targets are its own")
-    output = pathlib.Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file, not a folder")
-    if output.is_dir() and any(output.iterdir()) and not (output / JSON_FILE).exists():
-        raise UsageError(f"--output {output} is not empty and holds no earlier analysis; use another folder")
 
 
 def _linear_weights(model) -> dict:
@@ -201,20 +177,21 @@ class _Base:
 
 def _load_base(args: argparse.Namespace, settings: dict) -> _Base:
     info = _resolve("--base", args.base)
-    tokenizer = load_tokenizer(info)
     task = None
     if settings["prior"] == "gradient":
         from .tasks import load_task
 
-        task = load_task(settings["task"], settings["seed"], settings["val_fraction"], settings["test_fraction"])
+        task = load_task(settings["task"], settings["seed"], settings["val_fraction"], settings["test_fraction"],
+                         file_format(settings))
         check_compatible(info, task)
         kind, num_labels, label_names = task.kind, task.num_labels, task.label_names
     else:
-        kind = LANGUAGE_MODELING if info.decoder else CLASSIFICATION
+        kind = LANGUAGE_MODELING if info.decoder else IMAGE_CLASSIFICATION if info.image else CLASSIFICATION
         # no task: the head as the base checkpoint has it (its weights are not analysed)
-        num_labels = getattr(info.config, "num_labels", 2) if kind == CLASSIFICATION else None
+        num_labels = getattr(info.config, "num_labels", 2) if is_classification(kind) else None
         label_names = None
-    if args.adapter is not None and kind == CLASSIFICATION:
+    tokenizer = load_processor(info, kind)
+    if args.adapter is not None and is_classification(kind):
         # the adapter's saved head must fit the base's: its run.json, else the saved head's own size
         adapter_run = _run_json(args.adapter)
         if adapter_run.get("num_labels"):
@@ -230,7 +207,7 @@ def _load_base(args: argparse.Namespace, settings: dict) -> _Base:
 def _tuned_changes(args: argparse.Namespace, base: _Base) -> dict:
     """--tuned minus --base: name -> dW of each (target) Linear weight that changed."""
     info = _resolve("--tuned", args.tuned)
-    labels = getattr(info.config, "num_labels", None) if base.kind == CLASSIFICATION else None
+    labels = getattr(info.config, "num_labels", None) if is_classification(base.kind) else None
     tuned = load_base_model(info, base.kind, labels, base.tokenizer)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     if args.target_modules is not None and not targets:
@@ -307,7 +284,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     """``spectral-peft analyze``; raises UsageError for bad input."""
     from .models import quiet_libraries
 
-    _check_arguments(args)
     settings = _settings(args)
     quiet_libraries(args.threads)
     # ---- every input read and checked before anything is written

@@ -2,7 +2,8 @@
 
 The folder holds ``run.json`` (written when the run starts), the saved model, ``training.png`` and ``metrics.json``
 (written last: a folder without it is not a finished run). While the run trains, ``checkpoint/`` holds what a
-resumed run needs; it is replaced atomically, through ``checkpoint.tmp/`` and ``checkpoint.old/``.
+resumed run needs; it is replaced atomically, through ``checkpoint.tmp/`` and ``checkpoint.old/``. The folder's
+names and the checks of it before a run (``check_output``) are the command line's, in ``spectral_peft_cli``.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-from typing import Optional
+
+from spectral_peft_cli.run_folder import (  # noqa: F401  (the folder's names, for the tools)
+    CHECKPOINT,
+    CHECKPOINT_STATE,
+    METRICS_FILE,
+    PLOT_FILE,
+    RUN_FILE,
+    check_output,
+    find_checkpoint,
+)
 
 from .errors import UsageError, first_line
 from .files import write_json
-
-RUN_FILE, METRICS_FILE, PLOT_FILE = "run.json", "metrics.json", "training.png"
-CHECKPOINT = "checkpoint"
-CHECKPOINT_STATE = "state.pt"
 
 
 def trainable_state(model) -> dict:
@@ -42,14 +48,6 @@ def save_checkpoint(output: pathlib.Path, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def find_checkpoint(output: pathlib.Path) -> Optional[pathlib.Path]:
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):  # .old: a crash between the two renames
-        path = output / name / CHECKPOINT_STATE
-        if path.is_file():
-            return path
-    return None
-
-
 def load_checkpoint(path: pathlib.Path) -> dict:
     import torch
 
@@ -72,30 +70,3 @@ def remove_outputs(output: pathlib.Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-def check_output(output: pathlib.Path, resume: bool, overwrite: bool) -> Optional[pathlib.Path]:
-    """Refuse to clobber: returns the checkpoint to resume from, if any. Creates nothing."""
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file, not a folder")
-    if not output.exists() or overwrite:
-        if overwrite and output.exists() and any(output.iterdir()) and not (output / RUN_FILE).exists():
-            raise UsageError(f"--output {output} is not empty and was not written by spectral-peft; "
-                             "--overwrite only replaces spectral-peft runs")
-        return None
-    if (output / METRICS_FILE).exists():
-        if resume:
-            return None  # the caller says it is finished
-        raise UsageError(f"--output {output} holds a finished run (metrics.json); use another folder or --overwrite")
-    checkpoint = find_checkpoint(output)
-    if resume:
-        if checkpoint is None and any(output.iterdir()) and not (output / RUN_FILE).exists():
-            raise UsageError(f"--output {output} is not empty and was not written by spectral-peft")
-        return checkpoint
-    if any(output.iterdir()):
-        if checkpoint is not None:
-            raise UsageError(f"--output {output} holds an unfinished run with a checkpoint; pass --resume to continue "
-                             "it or --overwrite to start again")
-        raise UsageError(f"--output {output} is not empty; use another folder, or --overwrite if it is a "
-                         "spectral-peft run")
-    return None

@@ -21,54 +21,19 @@ import sys
 import time
 from typing import Optional
 
-from .arguments import COMPARE_GRID_OPTIONS, DEFAULT_N_FREQUENCY, DEFAULT_RANK, flag, option_tokens
+from spectral_peft_cli.arguments import COMPARE_GRID_OPTIONS, DEFAULT_N_FREQUENCY, DEFAULT_RANK, flag, option_tokens
+from spectral_peft_cli.checks import parse_grid
+from spectral_peft_cli.commands import CELL_ENV
+
 from .checkpoints import METRICS_FILE
 from .errors import TrainingError, UsageError
+from .evaluation import base_label, main_metric
 from .files import write_json, write_text
-from .methods import METHOD_NAMES, METHODS, N_FREQUENCY, RANK
-from .settings import check_arguments, first_difference
+from .methods import METHODS, N_FREQUENCY, RANK
+from .settings import first_difference
 
 # a finetune run's own control options, which a cell sets itself
 _RUN_CONTROL = ("output", "resume", "overwrite", "stop_after")
-
-
-def _split_list(values: list, name: str, kind=str) -> list:
-    items = []
-    for value in values:
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                items.append(kind(part))
-            except ValueError:
-                raise UsageError(f"--{name}: {part!r} is not {'an integer' if kind is int else 'valid'}") from None
-    if not items:
-        raise UsageError(f"--{name} is empty")
-    return list(dict.fromkeys(items))
-
-
-def parse_per_method(text: Optional[str], methods: list, name: str) -> dict:
-    """``"0.01"`` (every method) or ``"loca=0.01,lora=0.001"`` -> {method: value}; missing methods get defaults."""
-    if text is None:
-        return {}
-    values = {}
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    for part in parts:
-        key, sep, value = part.partition("=")
-        try:
-            if sep:
-                key = key.strip()
-                if key not in METHODS:
-                    raise UsageError(f"--{name}: unknown method '{key}'; choose from {', '.join(METHOD_NAMES)}")
-                values[key] = float(value)
-            elif len(parts) == 1:
-                values = {m: float(part) for m in methods}
-            else:
-                raise UsageError(f"--{name}: expected a number or METHOD=VALUE pairs, got {text!r}")
-        except ValueError:
-            raise UsageError(f"--{name}: {part!r} is not a number or METHOD=NUMBER") from None
-    return values
 
 
 def plan_cells(methods: list, budgets: list, ranks: list, seeds: list) -> list[dict]:
@@ -84,8 +49,10 @@ def plan_cells(methods: list, budgets: list, ranks: list, seeds: list) -> list[d
             else:
                 options = [("all", {})]
             for budget, extra in options:
+                # the base model is the same in every cell of a seed (split and head): the first cell measures it
                 cells.append({"method": method, "budget": budget, "seed": seed, "options": extra,
-                              "name": f"{method}-{budget}-seed{seed}"})
+                              "name": f"{method}-{budget}-seed{seed}",
+                              "skip_base": any(c["seed"] == seed for c in cells)})
     return cells
 
 
@@ -95,7 +62,8 @@ def cell_namespace(args: argparse.Namespace, cell: dict, lrs: dict, scalings: di
     values.update((key, value) for key, value in vars(args).items()
                   if key not in COMPARE_GRID_OPTIONS and key not in ("func", "command"))
     values.update(seed=cell["seed"], lr=lrs.get(cell["method"]), scaling=scalings.get(cell["method"]),
-                  output=str(folder), resume=True, overwrite=False, stop_after=None)
+                  output=str(folder), resume=True, overwrite=False, stop_after=None,
+                  skip_base=cell.get("skip_base", False))
     values.update(cell["options"])
     return argparse.Namespace(**values)
 
@@ -137,6 +105,25 @@ def aggregate(cells: list[dict], metric: str) -> list[dict]:
         result["peak_memory_mib"] = _mean_std([c["peak_memory_mib"] for c in done])[0]
         out.append(result)
     return out
+
+
+def base_row(cells: list[dict], metric: str) -> Optional[dict]:
+    """The base model's row (its test metrics before training), mean and std over the seeds: each seed's from the
+    first finished cell that measured it; None when none did."""
+    by_seed = {}
+    for cell in cells:
+        if cell["status"] == "finished" and cell.get("base") and cell["seed"] not in by_seed:
+            by_seed[cell["seed"]] = cell["base"]
+    if not by_seed:
+        return None
+    row = {"method": base_label(any(base["fresh_head"] for base in by_seed.values())), "budget": "-",
+           "seeds": sorted(by_seed), "failed_seeds": [], "trainable_params": None, "adapter_params": None,
+           "adapter_bytes": None, "time_per_step_s": None, "peak_memory_mib": None}
+    for key in (metric, "macro_f1"):
+        values = [base["test"][key] for base in by_seed.values() if key in base["test"]]
+        row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(values)
+        row[f"{key}_values"] = values
+    return row
 
 
 def _fmt(mean, std, digits: int = 4) -> str:
@@ -195,24 +182,8 @@ def _read_cell(folder: pathlib.Path, cell: dict) -> dict:
                   adapter_bytes=metrics["adapter_bytes"],
                   time_per_step_s=metrics["time_per_step_s"], peak_memory_mib=metrics["peak_memory_mib"],
                   wall_time_s=metrics["wall_time_s"], steps=metrics["steps"], lr=metrics["settings"]["lr"],
-                  scaling=metrics["settings"]["scaling"])
+                  scaling=metrics["settings"]["scaling"], base=metrics.get("base"))
     return record
-
-
-def _parse_grid(args: argparse.Namespace) -> dict:
-    """The grid's methods, budgets, ranks, seeds and per-method learning rates and scalings, checked."""
-    methods = _split_list(args.methods, "methods")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UsageError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHOD_NAMES)}")
-    grid = {"methods": methods, "budgets": _split_list(args.budgets, "budgets", int),
-            "ranks": _split_list(args.ranks, "ranks", int), "seeds": _split_list(args.seeds, "seeds", int)}
-    for name in ("budgets", "ranks"):
-        if any(v <= 0 for v in grid[name]):
-            raise UsageError(f"--{name} must be positive integers, got {grid[name]}")
-    grid["lrs"] = parse_per_method(args.lr, methods, "lr")
-    grid["scalings"] = parse_per_method(args.scaling, methods, "scaling")
-    return grid
 
 
 def _run_cell(namespace: argparse.Namespace, in_process: bool) -> int:
@@ -226,13 +197,14 @@ def _run_cell(namespace: argparse.Namespace, in_process: bool) -> int:
         except (UsageError, TrainingError) as error:
             print(f"spectral-peft: error: {error}", file=sys.stderr)
             return 2 if isinstance(error, UsageError) else 1
-    argv = [sys.executable, "-m", "spectral_peft", *cell_argv(namespace)]
+    argv = [sys.executable, "-m", "spectral_peft_cli", *cell_argv(namespace)]
     print("  " + " ".join(shlex.quote(a) for a in argv[1:]), file=sys.stderr)
     try:  # the cell's stdout goes to stderr: stdout carries only the table
         streams = {"stdout": sys.stderr.fileno()}
     except (AttributeError, OSError, ValueError):  # stderr is not a file (captured): collect and pass on
         streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-    result = subprocess.run(argv, env=os.environ.copy(), **streams)
+    # the cell says nothing of a Ctrl-C (which reaches it too): compare reports it, once
+    result = subprocess.run(argv, env={**os.environ, CELL_ENV: "1"}, **streams)
     if result.stdout:
         sys.stderr.write(result.stdout)
     return result.returncode
@@ -261,24 +233,21 @@ def _run_cells(cells: list[dict], args: argparse.Namespace, grid: dict, output: 
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .models import check_compatible, load_tokenizer, quiet_libraries, resolve_model
+    from .models import check_compatible, load_processor, quiet_libraries, resolve_model
     from .settings import resolve_settings
-    from .tasks import encode_task, load_task
+    from .tasks import encode_task, file_format, load_task
 
     started = time.perf_counter()
-    grid = _parse_grid(args)
+    grid = parse_grid(args)
     methods, seeds = grid["methods"], grid["seeds"]
-    check_arguments(argparse.Namespace(**{**vars(args), "lr": None, "method": None}))
-    output = pathlib.Path(args.output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file, not a folder")
+    output = pathlib.Path(args.output).expanduser()  # the command line checked it (spectral_peft_cli.checks)
 
     # the task and the model must be usable before any cell starts
     quiet_libraries()
-    task = load_task(args.task, seeds[0], args.val_fraction, args.test_fraction)
+    task = load_task(args.task, seeds[0], args.val_fraction, args.test_fraction, file_format(args))
     info = resolve_model(args.model)
     check_compatible(info, task)
-    encoded = encode_task(task, load_tokenizer(info), args.max_length, seeds[0], args.val_fraction,
+    encoded = encode_task(task, load_processor(info, task.kind), args.max_length, seeds[0], args.val_fraction,
                           args.test_fraction)
     n_train = len(encoded["train"]["labels"])
     with_ranks = any(METHODS[m].budget == RANK for m in methods)
@@ -303,14 +272,12 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def _write_results(output: pathlib.Path, args: argparse.Namespace, task, info, records: list, n_seeds: int) -> None:
     """results.json, results.md and results.png; the table on stdout."""
-    from .evaluation import main_metric
-
     metric = main_metric(task.kind)
-    rows = aggregate(records, metric)
-    table = markdown_table(rows, metric)
+    rows, base = aggregate(records, metric), base_row(records, metric)
+    table = markdown_table(([base] if base else []) + rows, metric)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     write_json(output / "results.json", {"metric": metric, "task": task.name, "model": info.path,
-                                         "args": settings, "rows": rows, "cells": records})
+                                         "args": settings, "base": base, "rows": rows, "cells": records})
     steps = sorted({r["steps"] for r in records if r.get("steps")})
     command = "spectral-peft compare " + " ".join(
         shlex.quote(a) for a in (sys.argv[2:] if sys.argv[1:2] == ["compare"] else []))
@@ -323,7 +290,8 @@ def _write_results(output: pathlib.Path, args: argparse.Namespace, task, info, r
         + "Trainable params: the trained weights, classification head included; adapter params exclude the head. "
           "LoCA's 2 float locations per coefficient are positions, not weights: not counted in either, shown apart "
           "(+N locations). Adapter bytes: the saved weights file. s / step: median wall time of an optimizer step. "
-          "Peak MiB: the cell process's peak resident memory.\n\n"
+          "Peak MiB: the cell process's peak resident memory. The base model row: before training (a classifier "
+          "with the fresh head its runs start from).\n\n"
         + table + "\n"
         + (f"\nCommand: `{command.strip()}`\n" if command.strip() != "spectral-peft compare" else "")
     ))
@@ -331,5 +299,5 @@ def _write_results(output: pathlib.Path, args: argparse.Namespace, task, info, r
         from .plots import plot_comparison
 
         plot_comparison(output / "results.png", rows, metric,
-                        title=f"{task.name}: test {metric} vs trainable parameters")
+                        title=f"{task.name}: test {metric} vs trainable parameters", base=base)
     print(table)

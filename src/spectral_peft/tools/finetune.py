@@ -1,9 +1,9 @@
-"""``spectral-peft finetune`` and ``spectral-peft evaluate``.
+"""``spectral-peft finetune``.
 
-One run: read the task, load the model (offline first), put one method on it (LoCA, S2FT, stock PEFT FourierFT,
-fast FourierFT, stock PEFT LoRA, or full fine-tuning), train for a number of optimizer steps with AdamW and a linear
-warm-up / decay, evaluate on validation every ``--eval-every`` steps and at the end, on test at the end, and write
-the output folder:
+One run: read the task, load the model (offline first), measure the base model on validation and test, put one
+method on it (LoCA, S2FT, stock PEFT FourierFT, fast FourierFT, stock PEFT LoRA, full fine-tuning, or an ablation),
+train for a number of optimizer steps with AdamW and a linear warm-up / decay, evaluate on validation every
+``--eval-every`` steps and at the end, on test at the end, and write the output folder:
 
 - ``run.json``: what ``evaluate`` needs to rebuild the model (written when the run starts);
 - the adapter from ``save_pretrained`` (``adapter_config.json``, ``adapter_model.safetensors``; for ``full`` the
@@ -19,7 +19,7 @@ resumed ends with the same adapter, bit for bit, as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import pathlib
 import random
 import sys
@@ -27,21 +27,25 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .arguments import flag
+from spectral_peft_cli.arguments import DEFAULT_LOG_EVERY, flag
+
+from . import progress
 from .checkpoints import (
     CHECKPOINT,
     METRICS_FILE,
     PLOT_FILE,
     RUN_FILE,
     check_output,
+    find_checkpoint,
     load_checkpoint,
     remove_checkpoints,
     remove_outputs,
 )
 from .data import BatchStream
 from .errors import UsageError, first_line
-from .evaluation import describe_metrics, evaluate_split, main_metric
+from .evaluation import base_label, describe_metrics, evaluate_split, main_metric
 from .files import save_model, weight_bytes, write_json
+from .images import first_rows
 from .methods import METHODS
 from .models import (
     ModelInfo,
@@ -49,12 +53,21 @@ from .models import (
     default_target_modules,
     head_name,
     load_base_model,
-    load_tokenizer,
+    load_processor,
     quiet_libraries,
     resolve_model,
 )
-from .settings import check_arguments, first_difference, resolve_settings
-from .tasks import CLASSIFICATION, SPLITS, Task, encode_task, load_task
+from .settings import first_difference, resolve_settings
+from .tasks import (
+    CLASSIFICATION,
+    LANGUAGE_MODELING,
+    SPLITS,
+    Task,
+    encode_task,
+    file_format,
+    is_classification,
+    load_task,
+)
 from .training import LoopOptions, Training, log, restore_trainable_state, train
 
 
@@ -65,18 +78,36 @@ def build_method(settings: dict, base, task_kind: str, prior_batches=None):
     whose orderings and locations come from the checkpoint).
     """
     method = METHODS[settings["method"]]
-    head = head_name(base) if task_kind == CLASSIFICATION else None
-    targets = settings["target_modules"] if settings["target_modules"] is not None else default_target_modules(base)
+    head = head_name(base) if is_classification(task_kind) else None
+    targets = settings["target_modules"]
+    if targets is None:
+        targets = default_target_modules(base, task_kind)
     peft_fields = {
         "target_modules": targets,
         "modules_to_save": [head] if head else None,
-        "task_type": "SEQ_CLS" if task_kind == CLASSIFICATION else "CAUSAL_LM",
+        # images: PEFT's plain PeftModel, which passes pixel_values on (its task types are for text)
+        "task_type": {CLASSIFICATION: "SEQ_CLS", LANGUAGE_MODELING: "CAUSAL_LM"}.get(task_kind),
     }
+    import spectral_peft.s2ft.prepare
+
     try:
-        return method.build(base, settings, peft_fields, prior_batches)
+        with progress.reporting(spectral_peft.s2ft.prepare):  # S2FT's prior and orderings, in a log too
+            model = method.build(base, settings, peft_fields, prior_batches)
     except ValueError as error:
         raise UsageError(f"cannot put {method.name} on model '{settings['model'] or 'all-MiniLM-L6-v2'}': "
                          f"{first_line(error)}") from None
+    _tidy_modules_to_save(model)
+    return model
+
+
+def _tidy_modules_to_save(model) -> None:
+    """PEFT's sequence-classification models add 'classifier' and 'score' to the config's modules_to_save, next to
+    the head named there: keep each name once, and only the modules the model has, so adapter_config.json names
+    the head alone."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for config in getattr(model, "peft_config", {}).values():
+        if getattr(config, "modules_to_save", None):
+            config.modules_to_save = [name for name in dict.fromkeys(config.modules_to_save) if name in present]
 
 
 @dataclass
@@ -98,17 +129,17 @@ class Job:
 
 def prepare_job(args: argparse.Namespace, checkpoint: Optional[dict], output: pathlib.Path) -> Job:
     """Everything that can fail on bad input: the task, the model, the settings (those of ``checkpoint``)."""
-    task = load_task(args.task, args.seed, args.val_fraction, args.test_fraction)
+    task = load_task(args.task, args.seed, args.val_fraction, args.test_fraction, file_format(args))
     info = resolve_model(args.model)
     check_compatible(info, task)
-    tokenizer = load_tokenizer(info)
+    tokenizer = load_processor(info, task.kind)
     encoded = encode_task(task, tokenizer, args.max_length, args.seed, args.val_fraction, args.test_fraction)
     settings = resolve_settings(args, task, len(encoded["train"]["labels"]), info)
     if checkpoint is not None:
         _check_same_settings(checkpoint["settings"], settings, output)
     validation = encoded["validation"]
     if args.eval_examples is not None:
-        validation = {k: v[: args.eval_examples] for k, v in validation.items()}
+        validation = first_rows(validation, args.eval_examples)
     return Job(task, info, tokenizer, encoded, settings, BatchStream(encoded["train"], args.batch_size, args.seed),
                validation)
 
@@ -120,20 +151,34 @@ def _check_same_settings(saved: dict, current: dict, output: pathlib.Path) -> No
                          f"{saved.get(key)!r}; rerun with the same options, or --overwrite to start again")
 
 
-def _build_model(job: Job, seed: int, resuming: bool):
-    """The base model with the run's method on it (seeded: the head's and the adapter's initialisation); returns it
-    and the classification head's name."""
+def _build_model(job: Job, args: argparse.Namespace, resuming: bool):
+    """The base model with the run's method on it (seeded: the head's and the adapter's initialisation); returns it,
+    the classification head's name and the base model's metrics (None when resuming or skipped)."""
     import torch
 
-    torch.manual_seed(seed)
-    random.seed(seed)
-    task = job.task
-    base = load_base_model(job.info, task.kind, task.num_labels, job.tokenizer, task.label_names)
-    head = head_name(base) if task.kind == CLASSIFICATION else None
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    task, loading = job.task, {}
+    base = load_base_model(job.info, task.kind, task.num_labels, job.tokenizer, task.label_names, loading=loading)
+    head = head_name(base) if is_classification(task.kind) else None
+    # before the method is on it (stock FourierFT starts away from the base); evaluation draws no random numbers
+    skip = resuming or getattr(args, "skip_base", False)
+    before = None if skip else measure_base(base, job, args, loading["fresh_head"])
     prior = None
     if METHODS[job.settings["method"]].uses_prior and not resuming:
         prior = [job.stream.batch(i) for i in range(job.settings["prior_batches"])]
-    return build_method(job.settings, base, task.kind, prior), head
+    return build_method(job.settings, base, task.kind, prior), head, before
+
+
+def measure_base(base, job: Job, args: argparse.Namespace, fresh_head: bool) -> dict:
+    """The base model on validation and test (a classifier with the head the run starts from: a fresh one, unless
+    the model came with a head of the task's size)."""
+    label = base_label(fresh_head)
+    result = {"fresh_head": fresh_head}
+    for split, encoded in (("validation", job.validation), ("test", job.encoded["test"])):
+        result[split] = evaluate_split(base, encoded, job.task.kind, args.eval_batch_size, desc=f"{label}, {split}")
+        log(describe_metrics(f"{label}, {split}", result[split]))
+    return result
 
 
 def _run_info(job: Job, args: argparse.Namespace) -> dict:
@@ -160,7 +205,6 @@ def _run_info(job: Job, args: argparse.Namespace) -> dict:
 def run_finetune(args: argparse.Namespace) -> int:
     """``spectral-peft finetune``: returns the exit code; raises UsageError for bad input."""
     started = time.perf_counter()
-    check_arguments(args)
     output = pathlib.Path(args.output).expanduser()
     checkpoint_path = check_output(output, args.resume, args.overwrite)
     if args.resume and (output / METRICS_FILE).exists() and not args.overwrite:
@@ -168,29 +212,49 @@ def run_finetune(args: argparse.Namespace) -> int:
         return 0
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     quiet_libraries(args.threads)
+    progress.configure(getattr(args, "log_every", None) or DEFAULT_LOG_EVERY, args.quiet)
     job = prepare_job(args, checkpoint, output)
-    model, head = _build_model(job, args.seed, resuming=checkpoint is not None)
+    model, head, before = _build_model(job, args, resuming=checkpoint is not None)
 
     # ---- from here on the output folder exists
     if args.overwrite and output.exists():
         remove_outputs(output)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / RUN_FILE, _run_info(job, args))
-    if checkpoint is not None:
-        restore_trainable_state(model, checkpoint, output)
-    training = Training(model, job.settings, head, started, checkpoint)
-    _log_start(job, training)
-    total_steps = job.settings["steps"]
-    stop = total_steps if args.stop_after is None else min(total_steps, args.stop_after)
-    options = LoopOptions(grad_accum=args.grad_accum, eval_every=args.eval_every,
-                          eval_batch_size=args.eval_batch_size, save_every=args.save_every, quiet=args.quiet)
-    train(training, job.stream, job.validation, job.task.kind, stop, output, options)
-    if stop < total_steps:
-        print(f"stopped after step {stop} of {total_steps}; the checkpoint is in {output / CHECKPOINT}: rerun the "
-              "same command with --resume to continue", file=sys.stderr)
-        return 0
-    _finish(job, training, args, output, resumed_from=checkpoint["step"] if checkpoint is not None else None)
+    with _removed_if_stopped_early(output, created):
+        write_json(output / RUN_FILE, _run_info(job, args))
+        if checkpoint is not None:
+            restore_trainable_state(model, checkpoint, output)
+        training = Training(model, job.settings, head, started, checkpoint)
+        if checkpoint is None:
+            training.history["base"] = before
+        _log_start(job, training)
+        total_steps = job.settings["steps"]
+        stop = total_steps if args.stop_after is None else min(total_steps, args.stop_after)
+        options = LoopOptions(grad_accum=args.grad_accum, eval_every=args.eval_every,
+                              eval_batch_size=args.eval_batch_size, save_every=args.save_every)
+        train(training, job.stream, job.validation, job.task.kind, stop, output, options)
+        if stop < total_steps:
+            print(f"stopped after step {stop} of {total_steps}; the checkpoint is in {output / CHECKPOINT}: rerun "
+                  "the same command with --resume to continue", file=sys.stderr)
+            return 0
+        _finish(job, training, args, output, resumed_from=checkpoint["step"] if checkpoint is not None else None)
     return 0
+
+
+@contextlib.contextmanager
+def _removed_if_stopped_early(output: pathlib.Path, created: bool):
+    """A run stopped (Ctrl-C, an error) before its first checkpoint leaves nothing to resume: what it wrote is
+    removed (everything in the folder is its own: check_output let it start only in a new, empty or overwritten
+    folder), and the folder too when it created it, so the same command can start again."""
+    try:
+        yield
+    except BaseException:
+        if find_checkpoint(output) is None and not (output / METRICS_FILE).exists():
+            remove_outputs(output)
+            if created:
+                output.rmdir()
+        raise
 
 
 def _log_start(job: Job, training: Training) -> None:
@@ -213,7 +277,10 @@ def _finish(job: Job, training: Training, args: argparse.Namespace, output: path
     from .plots import plot_training
 
     settings, history, task = job.settings, training.history, job.task
-    test = evaluate_split(training.model, job.encoded["test"], task.kind, args.eval_batch_size)
+    if not history["validation"] or history["validation"][-1]["step"] != settings["steps"]:  # --steps 0
+        result = evaluate_split(training.model, job.validation, task.kind, args.eval_batch_size, desc="validation")
+        history["validation"].append({"step": settings["steps"], **result})
+    test = evaluate_split(training.model, job.encoded["test"], task.kind, args.eval_batch_size, desc="test")
     log(describe_metrics("test", test))
     files = save_model(training.model, output)
     phases = history["phase"] if training.schedule is not None else None
@@ -224,88 +291,22 @@ def _finish(job: Job, training: Training, args: argparse.Namespace, output: path
         "task_kind": task.kind, "args": {k: v for k, v in vars(args).items() if k != "func"},
         "settings": settings, **training.counts, "adapter_bytes": weight_bytes(files), "adapter_files": files,
         "steps": settings["steps"], "examples": job.sizes, "loss": history["loss"], "lr": history["lr"],
-        "phase": phases, "validation": history["validation"], "test": test, **training.timing(),
+        "phase": phases, "validation": history["validation"], "test": test, "base": history.get("base"),
+        **training.timing(),
         "resumed_from_step": resumed_from, "spectral_peft_version": __version__,
         "torch_threads": torch.get_num_threads(),
     }
     write_json(output / METRICS_FILE, metrics)
     if not args.keep_checkpoint:
         remove_checkpoints(output)
-    print(f"{describe_metrics('test', test)}; {training.counts['trainable_params']:,} trainable parameters, adapter "
-          f"{metrics['adapter_bytes']:,} bytes; {metrics['wall_time_s']:.0f} s; written to {output}")
+    print(f"{describe_metrics('test', test)}{_gain(task.kind, test, history.get('base'))}; "
+          f"{training.counts['trainable_params']:,} trainable parameters, adapter {metrics['adapter_bytes']:,} bytes; "
+          f"{metrics['wall_time_s']:.0f} s; written to {output}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# evaluate
-
-
-def _read_finished_run(folder: pathlib.Path) -> tuple[dict, dict]:
-    """A finished run's run.json and metrics.json."""
-    if not folder.is_dir():
-        raise UsageError(f"adapter folder not found: {folder}")
-    if not (folder / RUN_FILE).is_file():
-        raise UsageError(f"{folder} has no run.json; it was not written by spectral-peft finetune")
-    if not (folder / METRICS_FILE).is_file():
-        raise UsageError(f"{folder} has no metrics.json: the run did not finish (resume it with finetune --resume)")
-    try:
-        return json.loads((folder / RUN_FILE).read_text()), json.loads((folder / METRICS_FILE).read_text())
-    except (json.JSONDecodeError, OSError) as error:
-        raise UsageError(f"cannot read {folder}: {first_line(error)}") from None
-
-
-def _reload_model(run: dict, folder: pathlib.Path, info: ModelInfo, tokenizer):
-    """The trained model as the run saved it: the whole model (full fine-tuning), or base model + adapter."""
-    if run["method"] == "full":
-        return load_base_model(info.saved_in(folder), run["task_kind"], run["num_labels"], tokenizer,
-                               run["label_names"])
-    from peft import PeftModel
-
-    base = load_base_model(info, run["task_kind"], run["num_labels"], tokenizer, run["label_names"])
-    try:
-        return PeftModel.from_pretrained(base, str(folder))
-    except Exception as error:  # noqa: BLE001
-        raise UsageError(f"cannot load the adapter in {folder}: {first_line(error)}") from None
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    """``spectral-peft evaluate``: rebuild base + adapter from the folder, recompute the test metrics and compare
-    them with metrics.json. Returns 0 when they match, 1 when not."""
-    folder = pathlib.Path(args.adapter).expanduser()
-    run, recorded = _read_finished_run(folder)
-    quiet_libraries(args.threads)
-    task = load_task(run["task"], run["seed"], run["val_fraction"], run["test_fraction"])
-    if task.label_names != run["label_names"]:
-        raise UsageError(f"the labels of task '{run['task']}' are now {task.label_names}, the run had "
-                         f"{run['label_names']}; the data changed")
-    info = resolve_model(run["model_arg"])
-    tokenizer = load_tokenizer(info)
-    encoded = encode_task(task, tokenizer, run["max_length"], run["seed"], run["val_fraction"], run["test_fraction"])
-    split = args.split
-    model = _reload_model(run, folder, info, tokenizer)
-    result = evaluate_split(model, encoded[split], run["task_kind"], run.get("eval_batch_size", 32))
-    if split == "test":
-        reference = recorded.get("test", {})
-    else:
-        reference = (recorded.get("validation") or [{}])[-1]
-        if recorded.get("args", {}).get("eval_examples"):
-            print("note: the run validated on a subset (--eval-examples); this is the whole validation split",
-                  file=sys.stderr)
-    print(f"{run['method']} adapter in {folder}, {split} split ({len(encoded[split]['labels'])} examples)")
-    if not _print_comparison(result, reference):
-        print("the recomputed metrics differ from metrics.json", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _print_comparison(result: dict, reference: dict) -> bool:
-    """The recomputed metrics next to the recorded ones; whether all match (loss and perplexity to 1e-4)."""
-    print(f"{'metric':<12} {'recomputed':>12} {'metrics.json':>13}  match")
-    all_match = True
-    for key in [k for k in ("accuracy", "macro_f1", "perplexity", "loss") if k in result]:
-        mine, theirs = result[key], reference.get(key)
-        tolerance = 1e-4 * max(1.0, abs(mine)) if key in ("loss", "perplexity") else 1e-9
-        match = theirs is not None and abs(mine - theirs) <= tolerance
-        all_match &= match
-        shown = f"{theirs:.6f}" if theirs is not None else "-"
-        print(f"{key:<12} {mine:>12.6f} {shown:>13}  {'yes' if match else 'NO'}")
-    return all_match
+def _gain(kind: str, test: dict, base: Optional[dict]) -> str:
+    """`` (base model: 0.2000)``: the test metric before training, for the summary line."""
+    if not base:
+        return ""
+    metric = main_metric(kind)
+    return f" ({base_label(base['fresh_head'])}: {metric} {base['test'][metric]:.4f})"

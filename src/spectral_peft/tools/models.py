@@ -1,6 +1,6 @@
 """The one model loader of the commands: find a model (the offline MiniLM, a local folder or a hub id), its
-tokenizer and the transformers model for a task, offline first; the classification head's name and the default
-target modules."""
+tokenizer (or image processor) and the transformers model for a task, offline first; the classification head's name
+and the default target modules."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pathlib
 from dataclasses import dataclass
 from typing import Optional
 
+from spectral_peft_cli.inputs import check_model_folder
+
 from .errors import UsageError, first_line
-from .tasks import CLASSIFICATION, LANGUAGE_MODELING, Task, looks_like_path
+from .tasks import CLASSIFICATION, IMAGE_CLASSIFICATION, LANGUAGE_MODELING, Task
 
 # the classification head's module name: BERT-likes call it classifier, decoders score
 HEAD_NAMES = ("classifier", "score")
@@ -24,6 +26,7 @@ class ModelInfo:
     config: object
     decoder: bool
     local_only: bool  # whether from_pretrained should stay offline
+    image: bool = False  # an image classifier (ViT and the like)
 
     @property
     def display(self) -> str:
@@ -64,15 +67,10 @@ def _where(name: Optional[str]) -> tuple[str, bool]:
             return default_model_path(), True
         except FileNotFoundError as error:
             raise UsageError(str(error)) from None
+    check_model_folder(name)
     candidate = pathlib.Path(name).expanduser()
     if candidate.exists():
-        if not candidate.is_dir():
-            raise UsageError(f"model '{name}' is a file; expected a Hugging Face model folder or a hub id")
-        if not (candidate / "config.json").is_file():
-            raise UsageError(f"model folder '{name}' has no config.json; it is not a Hugging Face model folder")
         return str(candidate.resolve()), True
-    if looks_like_path(name) or name.count("/") > 1:
-        raise UsageError(f"model folder not found: {name}")
     return name, False
 
 
@@ -96,7 +94,16 @@ def resolve_model(name: Optional[str]) -> ModelInfo:
         raise UsageError(f"model '{name or path}' is an encoder-decoder ({config.model_type}); only encoder models "
                          "(sequence classification) and decoder models (language modelling) are supported")
     return ModelInfo(arg=name, path=path, config=config, decoder=is_decoder(config),
-                     local_only=local or found_locally)
+                     local_only=local or found_locally, image=is_image_classifier(config))
+
+
+def is_image_classifier(config) -> bool:
+    """Whether transformers has an image-classification class for the model's type (ViT, DeiT, BEiT, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or []
+    return (getattr(config, "model_type", None) in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+            or any(a.endswith("ForImageClassification") for a in architectures))
 
 
 def is_decoder(config) -> bool:
@@ -131,18 +138,40 @@ def load_tokenizer(info: ModelInfo):
     return tokenizer
 
 
-def load_base_model(info: ModelInfo, task_kind: str, num_labels: Optional[int], tokenizer=None, label_names=None,
-                    fresh_head: bool = False, random_weights: bool = False):
-    """The transformers model for the task, in float32: sequence classification, or causal LM for a text corpus.
-    ``fresh_head``: a saved classification head of another size is replaced by a new one instead of refused;
-    ``random_weights``: the architecture from its config alone (no weights read); ``tokenizer``: gives a
-    classifier without a pad token id the tokenizer's."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+def load_processor(info: ModelInfo, task_kind: str):
+    """What prepares the task's inputs for the model: its image processor for images, else its tokenizer."""
+    if task_kind != IMAGE_CLASSIFICATION:
+        return load_tokenizer(info)
+    from transformers import AutoImageProcessor
 
-    auto = AutoModelForSequenceClassification if task_kind == CLASSIFICATION else AutoModelForCausalLM
+    try:
+        processor, _ = from_pretrained(AutoImageProcessor.from_pretrained, info.path, info.local_only)
+    except Exception as error:  # noqa: BLE001  (as for tokenizers: every failure means "unusable model")
+        raise UsageError(f"could not load the image processor of model '{info.name}' (its "
+                         f"preprocessor_config.json): {first_line(error)}") from None
+    return processor
+
+
+def _auto_class(task_kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    return {CLASSIFICATION: AutoModelForSequenceClassification, IMAGE_CLASSIFICATION: AutoModelForImageClassification,
+            LANGUAGE_MODELING: AutoModelForCausalLM}[task_kind]
+
+
+def load_base_model(info: ModelInfo, task_kind: str, num_labels: Optional[int], tokenizer=None, label_names=None,
+                    fresh_head: bool = False, random_weights: bool = False, loading: Optional[dict] = None):
+    """The transformers model for the task, in float32: sequence or image classification, or causal LM for a text
+    corpus. ``fresh_head``: a saved classification head of another size is replaced by a new one instead of refused
+    (always for images: hub image classifiers carry heads of 1,000 classes); ``random_weights``: the architecture
+    from its config alone (no weights read); ``tokenizer``: gives a classifier without a pad token id the
+    tokenizer's; ``loading``: a dict given gets ``fresh_head``, whether the head was initialised anew."""
+    from transformers import AutoConfig
+
+    auto = _auto_class(task_kind)
     kwargs = {}
-    if task_kind == CLASSIFICATION:
-        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": fresh_head}
+    if task_kind != LANGUAGE_MODELING:
+        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": fresh_head or task_kind == IMAGE_CLASSIFICATION}
         if label_names is not None:
             kwargs["id2label"] = dict(enumerate(label_names))
             kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
@@ -150,11 +179,17 @@ def load_base_model(info: ModelInfo, task_kind: str, num_labels: Optional[int], 
         if random_weights:
             kwargs.pop("ignore_mismatched_sizes", None)
             config, _ = from_pretrained(AutoConfig.from_pretrained, info.path, info.local_only, **kwargs)
-            model = auto.from_config(config)
+            model, renewed = auto.from_config(config), None
         else:
-            model, _ = from_pretrained(auto.from_pretrained, info.path, info.local_only, **kwargs)
+            (model, found), _ = from_pretrained(auto.from_pretrained, info.path, info.local_only,
+                                                output_loading_info=True, **kwargs)
+            renewed = set(found.get("missing_keys", ())) | {key[0] for key in found.get("mismatched_keys", ())}
     except Exception as error:  # noqa: BLE001
         raise UsageError(f"could not load model '{info.name}': {first_line(error)}") from None
+    if loading is not None:
+        head = head_name(model)
+        loading["fresh_head"] = head is not None and (renewed is None or any(
+            key.split(".")[0] == head for key in renewed))
     model = model.float()
     if task_kind == CLASSIFICATION and getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -162,11 +197,18 @@ def load_base_model(info: ModelInfo, task_kind: str, num_labels: Optional[int], 
 
 
 def check_compatible(info: ModelInfo, task: Task) -> None:
+    model_type = info.config.model_type
     if task.kind == LANGUAGE_MODELING and not info.decoder:
         raise UsageError(
             f"task '{task.name}' is language modelling (a text file) but model '{info.name}' is an "
-            f"encoder ({info.config.model_type}); use a decoder model such as GPT-2 or Llama"
+            f"encoder ({model_type}); use a decoder model such as GPT-2 or Llama"
         )
+    if task.kind == IMAGE_CLASSIFICATION and not info.image:
+        raise UsageError(f"task '{task.name}' holds images but model '{info.name}' ({model_type}) is not an image "
+                         "classifier; use a vision model such as ViT (e.g. google/vit-base-patch16-224-in21k)")
+    if task.kind == CLASSIFICATION and info.image:
+        raise UsageError(f"task '{task.name}' holds text but model '{info.name}' ({model_type}) is an image model; "
+                         "give it a folder of images or a CSV / JSONL of image paths")
 
 
 def head_name(model) -> Optional[str]:
@@ -175,11 +217,16 @@ def head_name(model) -> Optional[str]:
     return next((h for h in HEAD_NAMES if h in names), None)
 
 
-def default_target_modules(model) -> Optional[list]:
+def default_target_modules(model, task_kind: str = CLASSIFICATION) -> Optional[list]:
+    """A classifier's (text or image) attention query and value projections, by the names the model uses; None
+    for a language model: PEFT's default for the architecture."""
+    if task_kind == LANGUAGE_MODELING:
+        return None
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if {"query", "value"} <= leaves:
-        return ["query", "value"]
-    return None  # PEFT's default for the architecture
+    for pair in (["query", "value"], ["q_proj", "v_proj"]):  # BERT-likes and ViT up to transformers 4; ViT in 5
+        if set(pair) <= leaves:
+            return pair
+    return None
 
 
 def quiet_libraries(threads: Optional[int] = None) -> None:

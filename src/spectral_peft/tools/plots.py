@@ -67,11 +67,15 @@ def plot_training(path: pathlib.Path, losses: list[float], validation: list[dict
     _write(plt, fig, path)
 
 
-def plot_comparison(path: pathlib.Path, rows: list[dict], metric: str, title: str = "") -> None:
+def plot_comparison(path: pathlib.Path, rows: list[dict], metric: str, title: str = "",
+                    base: Optional[dict] = None) -> None:
     """Test ``metric`` (mean, with the std over seeds as error bars) against trained parameters (the weights, as
-    :func:`~spectral_peft.tools.training.count_parameters` counts them: LoCA's locations apart), log x."""
+    :func:`~spectral_peft.tools.training.count_parameters` counts them: LoCA's locations apart), log x; ``base``:
+    the base model's row (compare's ``base_row``), a dashed line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if base is not None and base.get(f"{metric}_mean") is not None:
+        ax.axhline(base[f"{metric}_mean"], color="grey", linestyle="--", linewidth=1, label=base["method"])
     methods = list(dict.fromkeys(row["method"] for row in rows))
     for index, method in enumerate(methods):
         mine = sorted((r for r in rows if r["method"] == method and r.get(f"{metric}_mean") is not None),

@@ -23,6 +23,7 @@ from .data import BatchStream
 from .errors import TrainingError, UsageError
 from .evaluation import describe_metrics, evaluate_split
 from .methods import METHODS, parameter_groups
+from .progress import Progress
 
 
 def log(message: str) -> None:
@@ -184,33 +185,26 @@ class LoopOptions:
     eval_every: int = 50  # 0: validate only at the end
     eval_batch_size: int = 32
     save_every: int = 100  # 0: a checkpoint only where the run stops early
-    quiet: bool = False
 
 
 def train(training: Training, stream: BatchStream, validation: dict, task_kind: str, stop: int, output,
           options: LoopOptions) -> None:
     """Steps ``training.start_step`` up to ``stop`` (at most the run's steps), validating and checkpointing into
     ``output`` on the way; a run stopped early leaves a checkpoint at ``stop``."""
-    from tqdm.auto import tqdm
-
     total = training.settings["steps"]
-    progress = tqdm(total=total, initial=training.start_step, desc=training.settings["method"], unit="step",
-                    disable=True if options.quiet else None, dynamic_ncols=True, file=sys.stderr)
     training.model.train()
-    try:
+    with Progress(total, f"{training.settings['method']} training", initial=training.start_step) as progress:
         for step in range(training.start_step, stop):
             loss, lr, phase = training.step(stream, step, options.grad_accum)
             postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
             if phase is not None:
                 postfix["phase"] = phase
-            progress.set_postfix(postfix, refresh=False)
-            progress.update(1)
+            progress.update(1, **postfix)
             done = step + 1
             if (options.eval_every and done % options.eval_every == 0) or done == total:
-                result = evaluate_split(training.model, validation, task_kind, options.eval_batch_size)
+                result = evaluate_split(training.model, validation, task_kind, options.eval_batch_size,
+                                        desc=f"validation at step {done}")
                 training.history["validation"].append({"step": done, **result})
-                progress.write(describe_metrics(f"step {done} validation", result), file=sys.stderr)
+                progress.write(describe_metrics(f"step {done} validation", result))
             if done < total and ((options.save_every and done % options.save_every == 0) or done == stop):
                 save_checkpoint(output, training.checkpoint(done))
-    finally:
-        progress.close()

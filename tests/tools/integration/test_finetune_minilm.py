@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from spectral_peft.tools.cli import main
+from spectral_peft_cli import main
 
 pytestmark = pytest.mark.integration
 

@@ -1,16 +1,20 @@
 """The options of every command. Light on purpose: building the parser imports neither torch nor the library, so
-``spectral-peft --help`` and ``spectral-peft COMMAND --help`` need neither."""
+``spectral-peft --help`` and ``spectral-peft COMMAND --help`` need neither. The commands in ``spectral_peft.tools``
+read the same names and defaults from here."""
 
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Iterable, Mapping
 
-from .methods import METHOD_NAMES, METHODS, bench_variants
+from .registry import BENCH_VARIANTS, METHOD_LRS, METHOD_NAMES
 
+# how a user's file is read: None takes the usual name ("text", "label", "image") or UTF-8
+FILE_FORMAT_DEFAULTS = {"text_column": None, "label_column": None, "image_column": None, "encoding": None}
 # finetune's data options (analyze falls back on them where a run.json does not say)
 DATA_DEFAULTS = {"task": "bbc-news", "max_length": 128, "batch_size": 16, "seed": 0, "val_fraction": 0.1,
-                 "test_fraction": 0.2}
+                 "test_fraction": 0.2, **FILE_FORMAT_DEFAULTS}
 DEFAULT_N_FREQUENCY = 1000
 DEFAULT_RANK = 8
 DEFAULT_HEAD_LR = 5e-3
@@ -20,6 +24,8 @@ COMPARE_DEFAULT_METHODS = ("loca", "s2ft", "lora", "fourierft")
 # compare's own options (add_compare_arguments' "grid" group); its other options are finetune's, passed to each cell
 COMPARE_GRID_OPTIONS = ("methods", "budgets", "ranks", "seeds", "output", "in_process")
 BENCH_SHAPES = ("minilm", "llama", "linear")
+DEFAULT_LOG_EVERY = "30s"
+_LOG_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s?)\s*$")
 
 
 def flag(dest: str) -> str:
@@ -37,6 +43,22 @@ def option_tokens(values: Mapping, skip: Iterable[str] = ()) -> list[str]:
     return tokens
 
 
+def log_every(text: str) -> tuple[str, float]:
+    """``--log-every``: ``"20"`` (steps) -> ("steps", 20), ``"30s"`` (seconds) -> ("seconds", 30)."""
+    match = _LOG_EVERY.match(str(text))
+    if match is None or float(match.group(1)) <= 0 or (not match.group(2) and "." in match.group(1)):
+        raise ValueError(f"--log-every: expected a number of steps (20) or seconds (30s), got {text!r}")
+    return ("seconds", float(match.group(1))) if match.group(2) else ("steps", int(match.group(1)))
+
+
+def _log_every_type(text: str) -> str:
+    try:
+        log_every(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).split(": ", 1)[1]) from None
+    return text.strip()
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, grid: bool = False) -> None:
     """The options shared by ``finetune`` and ``compare`` (``grid``: compare's variant, without the method and
     budget options, and with per-method ``--lr`` / ``--scaling``)."""
@@ -50,8 +72,10 @@ def _add_data_arguments(what) -> None:
                       help="local Hugging Face model folder or hub id (loaded offline first); default: the offline "
                            "all-MiniLM-L6-v2")
     what.add_argument("--task", default=DATA_DEFAULTS["task"],
-                      help="'bbc-news' (default), a .csv / .jsonl with text and label columns (classification), a "
-                           ".txt (language modelling: perplexity) or a datasets hub name")
+                      help="'bbc-news' (default); a .csv / .jsonl with text (or image path) and label columns "
+                           "(classification); a folder of images, one subfolder per class; a .txt (language "
+                           "modelling: perplexity); or a datasets hub name")
+    add_file_format_arguments(what)
     what.add_argument("--max-length", type=int, default=DATA_DEFAULTS["max_length"],
                       help=f"tokens per example (default {DATA_DEFAULTS['max_length']})")
     what.add_argument("--val-fraction", type=float, default=DATA_DEFAULTS["val_fraction"],
@@ -61,6 +85,19 @@ def _add_data_arguments(what) -> None:
     what.add_argument("--target-modules", default=None,
                       help="comma list of module names to adapt; default query,value on BERT-like models, "
                            "otherwise PEFT's default for the architecture")
+
+
+def add_file_format_arguments(what) -> None:
+    """How a user's CSV / JSONL / text file is read (finetune, compare and analyze)."""
+    what.add_argument("--text-column", default=None,
+                      help="CSV / JSONL: the column of the text (default 'text')")
+    what.add_argument("--label-column", default=None,
+                      help="CSV / JSONL: the column of the label (default 'label')")
+    what.add_argument("--image-column", default=None,
+                      help="CSV / JSONL of images: the column of the image paths, relative to the file "
+                           "(default 'image'; a table with this column and no text column holds images)")
+    what.add_argument("--encoding", default=None,
+                      help="CSV / JSONL / text file: its character encoding, e.g. latin-1 or cp1252 (default UTF-8)")
 
 
 def _add_method_arguments(method, grid: bool) -> None:
@@ -77,7 +114,7 @@ def _add_method_arguments(method, grid: bool) -> None:
                              "rank)" + per)
     method.add_argument("--lr", default=None, type=str if grid else float,
                         help="learning rate of the adapter (or of every weight for full); default per method: "
-                             + ", ".join(f"{m.name} {m.lr:g}" for m in METHODS.values()) + per)
+                             + ", ".join(f"{name} {lr:g}" for name, lr in METHOD_LRS.items()) + per)
     method.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
                         help=f"learning rate of the classification head (default {DEFAULT_HEAD_LR:g})")
     method.add_argument("--location-lr", type=float, default=DEFAULT_LOCATION_LR,
@@ -92,8 +129,8 @@ def _add_method_arguments(method, grid: bool) -> None:
                         help="S2FT: prior weight change (default S2FTConfig's: lora, a short LoRA warm-up; gradient "
                              "is cheaper)")
     method.add_argument("--s2ft-prior-optimizer", choices=("sgd", "adam"), default=None,
-                        help="S2FT: optimizer of the LoRA warm-up prior (default S2FTConfig's: sgd, whose prior follows "
-                             "the gradient; adam ordered a real MiniLM change better, docs/s2ft.md)")
+                        help="S2FT: optimizer of the LoRA warm-up prior (default S2FTConfig's: sgd, whose prior "
+                             "follows the gradient; adam ordered a real MiniLM change better, docs/s2ft.md)")
     method.add_argument("--prior-batches", type=int, default=8,
                         help="S2FT: training batches for the prior (default 8)")
     method.add_argument("--s2ft-transform", choices=("dct", "dft"), default="dct", help="S2FT: transform (default dct)")
@@ -101,7 +138,8 @@ def _add_method_arguments(method, grid: bool) -> None:
 
 def _add_loop_arguments(train) -> None:
     length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (0: no training, only the base model's metrics)")
     length.add_argument("--epochs", type=float, default=None,
                         help=f"passes over the training split (default {DEFAULT_EPOCHS:g} when --steps is not given)")
     train.add_argument("--batch-size", type=int, default=DATA_DEFAULTS["batch_size"],
@@ -122,7 +160,10 @@ def _add_loop_arguments(train) -> None:
                        help="write a checkpoint every this many steps (0: never; default 100)")
     train.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint/ when the run finishes")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--log-every", type=_log_every_type, default=DEFAULT_LOG_EVERY,
+                       help="when the output is not a terminal: a progress line every this many steps (20) or "
+                            f"seconds (30s; default {DEFAULT_LOG_EVERY}); a terminal gets progress bars")
+    train.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +175,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace a spectral-peft run already in --output")
     out.add_argument("--stop-after", type=int, default=None,
                      help="stop after this optimizer step, leaving a checkpoint to continue with --resume")
+    out.add_argument("--skip-base", action="store_true",
+                     help="do not measure the base model on validation and test before training")
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +201,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    variants = list(bench_variants())
+    variants = list(BENCH_VARIANTS)
     parser.add_argument("--shapes", nargs="+", choices=BENCH_SHAPES, default=list(BENCH_SHAPES))
     parser.add_argument("--methods", nargs="+", choices=variants, default=variants)
     parser.add_argument("--n-frequency", type=int, default=1000)
@@ -207,6 +250,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     prior.add_argument("--val-fraction", type=float, default=None, help="as finetune's (default run.json's, else 0.1)")
     prior.add_argument("--test-fraction", type=float, default=None,
                        help="as finetune's (default run.json's, else 0.2)")
+    add_file_format_arguments(prior)
     out = parser.add_argument_group("output")
     out.add_argument("--output", required=True,
                      help="folder for analysis.md, analysis.json, energy.png and errors.png (created; an earlier "
