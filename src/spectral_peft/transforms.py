@@ -84,7 +84,9 @@ def _along(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
     if x.numel() == 0:  # nothing to transform (the FFT refuses empty input)
         return x.clone()
     work = x if in_dtype in COMPUTE_DTYPES else x.float()
-    moved = work.movedim(dim, -1)
+    # the transform's passes run along contiguous rows: strided ones (a transform along dim 0) cost several
+    # times the one copy that lines the data up
+    moved = work.movedim(dim, -1).contiguous()
     out = fn(moved).movedim(-1, dim)
     return out.to(in_dtype)
 

@@ -118,7 +118,7 @@ def delta_weight(spec: Spectrum) -> torch.Tensor:
     """The dense M x N ``dW`` in float32/float64 (the dense path, and merging)."""
     coefficients = spec.coefficients.to(compute_dtype(spec.coefficients.dtype))
     s = _ScatterSpectrum.apply(coefficients, spec.locations, spec)
-    if spec.transform == "dct":
+    if spec.transform == "dct":  # the columns first: the result is then laid out as the weight it is added to
         dw = idct(idct(s, dim=0), dim=1)
     else:
         dw = torch.fft.ifft2(s).real
