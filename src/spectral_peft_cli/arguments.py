@@ -23,7 +23,10 @@ DEFAULT_EPOCHS = 3.0
 COMPARE_DEFAULT_METHODS = ("loca", "s2ft", "lora", "fourierft")
 # compare's own options (add_compare_arguments' "grid" group); its other options are finetune's, passed to each cell
 COMPARE_GRID_OPTIONS = ("methods", "budgets", "ranks", "seeds", "output", "in_process")
-BENCH_SHAPES = ("minilm", "llama", "linear")
+# minilm: the offline MiniLM, query and value, 32 x 128 tokens; minilm-short: the same at 16 x 64; llama: a
+# Llama-style model 2048 wide (intermediate 5632), all seven projections, 4 x 256 tokens; llama-1024: the same
+# 1024 wide (intermediate 2816); linear: one layer (the sweep)
+BENCH_SHAPES = ("minilm", "minilm-short", "llama", "llama-1024", "linear")
 DEFAULT_LOG_EVERY = "30s"
 _LOG_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s?)\s*$")
 
@@ -202,7 +205,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     variants = list(BENCH_VARIANTS)
-    parser.add_argument("--shapes", nargs="+", choices=BENCH_SHAPES, default=list(BENCH_SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=BENCH_SHAPES, default=["minilm", "llama", "linear"])
     parser.add_argument("--methods", nargs="+", choices=variants, default=variants)
     parser.add_argument("--n-frequency", type=int, default=1000)
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")

@@ -26,24 +26,25 @@ class Workload:
         self.model, self.batch, self.targets, self.head, self.loss = model, batch, targets, head, loss
 
 
-def _minilm(device, dtype, path: Optional[str] = None, random_weights: bool = False) -> Workload:
+def _minilm(device, dtype, path: Optional[str] = None, random_weights: bool = False, batch_size: int = 32,
+            length: int = 128) -> Workload:
     # random_weights: the same architecture and so the same step time, without the weights file
     model = load_base_model(resolve_model(path), CLASSIFICATION, 5, random_weights=random_weights)
     batch = {
-        "input_ids": torch.randint(1000, 20000, (32, 128)),
-        "attention_mask": torch.ones(32, 128, dtype=torch.long),
-        "labels": torch.randint(0, 5, (32,)),
+        "input_ids": torch.randint(1000, 20000, (batch_size, length)),
+        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+        "labels": torch.randint(0, 5, (batch_size,)),
     }
     return Workload(model.to(device, dtype), _to(batch, device), ["query", "value"], "classifier", _model_loss)
 
 
-def _llama(device, dtype) -> Workload:
+def _llama(device, dtype, hidden: int = 2048, intermediate: int = 5632) -> Workload:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    # Realistic widths (TinyLlama's), two layers; a 1000-token vocabulary so that the output head does not
+    # Realistic widths (TinyLlama's at 2048), two layers; a 1000-token vocabulary so that the output head does not
     # dominate a step that is meant to time the adapted projections.
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=16,
-                         num_key_value_heads=16, vocab_size=1000, max_position_embeddings=512)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=1000, max_position_embeddings=512)
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, 1000, (4, 256))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -81,8 +82,12 @@ def workload(shape: str, device, dtype, width: int = 1024, tokens: int = 1024, m
     """The base model and batch of a shape (``width`` and ``tokens``: the linear layer's)."""
     if shape == "minilm":
         return _minilm(device, dtype, model, random_weights)
+    if shape == "minilm-short":  # short inputs, small batches: 16 x 64 tokens
+        return _minilm(device, dtype, model, random_weights, batch_size=16, length=64)
     if shape == "llama":
         return _llama(device, dtype)
+    if shape == "llama-1024":  # a narrower Llama-style model
+        return _llama(device, dtype, hidden=1024, intermediate=2816)
     return _linear(width, tokens, device, dtype)
 
 
