@@ -91,33 +91,24 @@ def _along(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
     return out.to(in_dtype)
 
 
-class _DCT(torch.autograd.Function):
+class _Orthogonal(torch.autograd.Function):
+    """An orthogonal transform along ``dim``: the gradient is its inverse applied to the output's gradient."""
+
     @staticmethod
-    def forward(ctx, x, dim):
-        ctx.dim = dim
-        return _along(_dct_last, x, dim)
+    def forward(ctx, x, dim, transform, inverse):
+        ctx.dim, ctx.inverse = dim, inverse
+        return _along(transform, x, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _along(_idct_last, grad, ctx.dim), None
-
-
-class _IDCT(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim):
-        ctx.dim = dim
-        return _along(_idct_last, x, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _along(_dct_last, grad, ctx.dim), None
+        return _along(ctx.inverse, grad, ctx.dim), None, None, None
 
 
 def dct(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Orthonormal DCT-II of ``x`` along ``dim`` (``scipy.fft.dct(x, norm="ortho")``)."""
-    return _DCT.apply(x, dim)
+    return _Orthogonal.apply(x, dim, _dct_last, _idct_last)
 
 
 def idct(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Inverse of :func:`dct` (orthonormal DCT-III) along ``dim``."""
-    return _IDCT.apply(x, dim)
+    return _Orthogonal.apply(x, dim, _idct_last, _dct_last)

@@ -53,7 +53,20 @@ def placement_of(spec: Spectrum) -> Placement:
     return spec.placement if spec.placement is not None else Placement(spec)
 
 
-class PlacementCache:
+class _Fresh:
+    """Never saved or copied with a model: a copied or unpickled one starts empty and builds its own."""
+
+    def __deepcopy__(self, memo):
+        return type(self)()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class PlacementCache(_Fresh):
     """A layer's placements, one per adapter (see :class:`Placement`)."""
 
     def __init__(self):
@@ -67,16 +80,6 @@ class PlacementCache:
 
     def clear(self) -> None:
         self._placements.clear()
-
-    # never saved or copied with the model: a copy builds its own from its own tensors
-    def __deepcopy__(self, memo):
-        return type(self)()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
 
 
 class Scratch:
@@ -96,7 +99,7 @@ class Scratch:
         return buffer[:rows]
 
 
-class Workspace:
+class Workspace(_Fresh):
     """Scratch buffers and the shared input spectrum of a tuner's layers, per thread (see the module docstring).
 
     On a CPU a thread's scratch is kept between calls (blocks hold about 2^18 elements, so its few buffers take a
@@ -126,15 +129,6 @@ class Workspace:
         local = self._local
         local.shared = (weakref.ref(anchor, lambda ref: _drop_shared(local, ref)), (anchor._version, key), half)
         return half
-
-    def __deepcopy__(self, memo):
-        return type(self)()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
 
 
 def _drop_shared(local: threading.local, reference: weakref.ref) -> None:
