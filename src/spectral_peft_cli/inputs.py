@@ -11,9 +11,9 @@ import json
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-from .errors import Problems, UsageError
+from .errors import Problems, UsageError, first_line
 
 BBC_NEWS = "bbc-news"
 TABLE_SUFFIXES = (".csv", ".jsonl")
@@ -103,17 +103,16 @@ class Table:
 
 
 def table_columns(path: pathlib.Path, given_encoding: Optional[str]) -> list:
-    """The header of a CSV, or the keys of a JSONL file's first record."""
+    """The header of a CSV, or the keys of a JSONL file's first record (a byte that does not decode is replaced:
+    :func:`check_decodes` tells of it, and the columns are still checked)."""
     encoding = encoding_of(given_encoding)
     try:
-        with open(path, newline="", encoding=encoding) as f:
+        with open(path, newline="", encoding=encoding, errors="replace") as f:
             if path.suffix.lower() == ".csv":
                 return next(csv.reader(f), [])
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     return list(_json_object(path, number, line))
-    except UnicodeDecodeError as error:
-        raise UsageError(decoding_problem(path, error, given_encoding)) from None
     except csv.Error as error:
         raise UsageError(f"{path}: not a valid CSV file ({error})") from None
     return []
@@ -156,12 +155,40 @@ def table_layout(path: pathlib.Path, columns: list, args) -> Table:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# image folders
+# images
+
+
+# modes whose pixels are 8-bit, which convert to RGB as they are; 16-bit and float images (I;16, I, F) would be
+# clipped to white by that conversion
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
+                             "HSV"})
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Each file opens as an image with 8-bit pixels: one problem line per file that does not (headers only: a file
+    whose pixel data is cut short is reported when it is read). PIL loads in a few tens of milliseconds."""
+    from PIL import Image, UnidentifiedImageError
+
+    problems = Problems()
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                mode = image.mode
+        except UnidentifiedImageError:
+            problems.add(f"{path}: not an image file PIL can read")
+            continue
+        except OSError as error:
+            problems.add(f"{path}: cannot be read ({first_line(error)})")
+            continue
+        if mode not in EIGHT_BIT_MODES:
+            problems.add(f"{path}: pixels of mode {mode} (16-bit or floating point); save it as 8-bit RGB or "
+                         "grayscale")
+    problems.check()
 
 
 def image_folder(path: pathlib.Path) -> dict:
     """An image folder's classes (its subfolders, sorted) -> their image files (sorted, any depth); an empty class
-    folder, or fewer than two classes, is one problem each."""
+    folder, fewer than two classes, and each bad image (:func:`check_images`) is one problem."""
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     if not classes:
         raise UsageError(f"task folder {path} has no class subfolders; an image folder holds one subfolder of "
@@ -177,6 +204,7 @@ def image_folder(path: pathlib.Path) -> dict:
         files[folder.name] = images
     if len(classes) < 2:
         problems.add(f"task folder {path} has one class subfolder ({classes[0].name}); classification needs at least 2")
+    problems.catch(check_images, [str(file) for images in files.values() for file in images])
     problems.check()
     return files
 
@@ -203,12 +231,14 @@ def check_task(name: Optional[str], args, problems: Problems) -> None:
     elif suffix not in TABLE_SUFFIXES + TEXT_SUFFIXES:
         problems.add(f"task file '{name}' has an unknown type '{suffix or '(no suffix)'}'; expected .csv or .jsonl "
                      "(columns text or image, and label), .txt (language modelling) or a folder of images")
-    elif problems.passes(check_decodes, path, encoding) and suffix in TABLE_SUFFIXES:
-        columns = problems.catch(table_columns, path, encoding)
-        if columns == []:
-            problems.add(f"{path}: the file has no examples")
-        elif columns is not None:
-            problems.catch(table_layout, path, columns, args)
+    else:
+        problems.catch(check_decodes, path, encoding)
+        if suffix in TABLE_SUFFIXES:
+            columns = problems.catch(table_columns, path, encoding)
+            if columns == []:
+                problems.add(f"{path}: the file has no examples")
+            elif columns is not None:
+                problems.catch(table_layout, path, columns, args)
 
 
 def check_model_folder(name: Optional[str], what: str = "model") -> None:

@@ -1,5 +1,5 @@
-"""For the command-line tests: a tiny random BERT (and GPT-2) with a WordPiece tokenizer, small CSV / JSONL / text
-files, and the check of a bad input's one error line."""
+"""For the command-line tests: a tiny random BERT (and GPT-2) with a WordPiece tokenizer, a tiny random ViT with its
+image processor, small CSV / JSONL / text files and image folders, and the check of a bad input's error."""
 
 from __future__ import annotations
 
@@ -64,6 +64,44 @@ def make_tiny_gpt2(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
     return folder
 
 
+def make_tiny_vit(folder: pathlib.Path, seed: int = 0, head_labels=None) -> pathlib.Path:
+    """A 2-layer, hidden-32 random ViT on 32 x 32 images with its image processor: without a classification head
+    (as google/vit-base-patch16-224-in21k), or with one of ``head_labels`` outputs."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, num_labels=head_labels or 2)
+    (ViTModel(config) if head_labels is None else ViTForImageClassification(config)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+# each class of the image tests: a colour the images are tinted with, so that classes can be learnt
+IMAGE_CLASSES = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def write_image(path: pathlib.Path, colour, seed: int, size=(40, 36), mode: str = "RGB") -> pathlib.Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+def write_image_folder(root: pathlib.Path, per_class: int = 10) -> pathlib.Path:
+    """root/<class>/<i>.png, one folder per class of IMAGE_CLASSES (a grayscale JPEG among them: converted)."""
+    for index, (name, colour) in enumerate(IMAGE_CLASSES.items()):
+        for i in range(per_class):
+            mode, suffix = ("L", "jpg") if i == 0 else ("RGB", "png")
+            write_image(root / name / f"{i}.{suffix}", colour, seed=100 * index + i, mode=mode)
+    return root
+
+
 def examples(per_label: int = 20, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
@@ -108,17 +146,20 @@ def finetune_argv(model, task, output, *extra) -> list:
 
 
 def bad_input(capsys, argv, output, message: str) -> str:
-    """Runs the command; checks exit code 2, one error line naming the problem, no traceback and, when ``output``
-    is given, no output folder (validation comes before anything is created). Returns the error line."""
+    """Runs the command; checks exit code 2, one error naming the problem (one line, or a first line counting the
+    problems and one line each), no traceback and, when ``output`` is given, no output folder (validation comes
+    before anything is created). Returns the error's text."""
     from spectral_peft_cli import main
 
     code = main([str(a) for a in argv])
     _, err = capsys.readouterr()
     assert code == 2, err
     assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("spectral-peft: error:")]
+    lines = err.splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("spectral-peft: error:")]
     assert len(errors) == 1, err
-    assert message in errors[0], errors[0]
+    error = "\n".join([lines[errors[0]]] + [line for line in lines[errors[0] + 1:] if line.startswith("  ")])
+    assert message in error, error
     if output is not None:
         assert not output.exists(), "validation must come before anything is created"
-    return errors[0]
+    return error

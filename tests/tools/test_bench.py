@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from spectral_peft.tools import bench
-from spectral_peft_cli import main
 from spectral_peft.tools.workloads import workload
+from spectral_peft_cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,5 +1,5 @@
-"""The command line: the entry points, what building the parser imports, and usage errors (one line on stderr,
-exit code 2, no traceback, nothing left looking finished)."""
+"""The command line: the entry points, what its front end imports (nothing heavy for help and bad input), and usage
+errors (one error on stderr listing every problem found, exit code 2, no traceback, nothing left looking finished)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from spectral_peft_cli.registry import METHOD_NAMES
 
 from .cli_support import bad_input, finetune_argv
 
@@ -21,11 +23,24 @@ def test_unknown_option_and_missing_output(capsys, bert, good_csv, tmp_path):
     bad_input(capsys, finetune_argv(bert, good_csv, out, "--batch-size", "0"), out, "--batch-size must be positive")
 
 
+def test_every_problem_of_the_input_in_one_error(capsys, tmp_path):
+    out = tmp_path / "out"
+    error = bad_input(capsys, ["finetune", "--method", "dora", "--batch-size", "0", "--task", tmp_path / "nope.csv",
+                               "--model", tmp_path / "no-model", "--output", out], out, "4 problems:")
+    assert error.splitlines()[1:] == [
+        "  - --batch-size must be positive, got 0",
+        "  - unknown method 'dora'; choose one of " + ", ".join(METHOD_NAMES),
+        f"  - task file not found: {tmp_path / 'nope.csv'}",
+        f"  - model folder not found: {tmp_path / 'no-model'}",
+    ]
+
+
 def test_console_script_and_module_entry_points():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "spectral_peft", "--help"], capture_output=True, text=True,
-                            env=env, timeout=120)
-    assert result.returncode == 0 and "finetune" in result.stdout and "compare" in result.stdout
+    for module in ("spectral_peft", "spectral_peft_cli"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 0 and "finetune" in result.stdout and "compare" in result.stdout
     script = pathlib.Path(sys.executable).parent / "spectral-peft"
     if script.exists():  # installed with pip install -e / make install
         result = subprocess.run([str(script), "finetune", "--method", "x"], capture_output=True, text=True,

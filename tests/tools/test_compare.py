@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from spectral_peft_cli import main
 from spectral_peft.tools.compare import aggregate, cell_argv, markdown_table, plan_cells
 from spectral_peft.tools.errors import UsageError
+from spectral_peft_cli import main
 from spectral_peft_cli.checks import parse_per_method
 
 from .cli_support import bad_input, examples, make_tiny_bert, write_csv
@@ -60,6 +60,11 @@ def test_compare_writes_results_and_skips_finished_cells(capsys, files, tmp_path
     assert "| method | budget | trainable params |" in table and "| loca | n16 |" in table
     assert "±" in table
     assert "| loca | n16 |" in out  # printed
+    # the base model before training, measured once per seed (by the seed's first cell), is the table's first row
+    assert out.splitlines()[2].startswith("| base model (fresh head) | - | - | - | - | ")
+    assert results["base"]["seeds"] == [0, 1] and len(results["base"]["accuracy_values"]) == 2
+    measured = {(c["method"], c["budget"], c["seed"]) for c in results["cells"] if c.get("base")}
+    assert measured == {("loca", "n8", 0), ("loca", "n8", 1)}
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
     stamps = {n: (tmp_path / "cells" / n / "metrics.json").stat().st_mtime_ns for n in names}
@@ -148,8 +153,8 @@ def test_a_cells_command_line_gives_finetune_the_cells_options(tmp_path):
     an in-process one does)."""
     import argparse
 
-    from spectral_peft_cli import build_parser
     from spectral_peft.tools.compare import cell_namespace
+    from spectral_peft_cli import build_parser
 
     compare_args = build_parser().parse_args(["compare", "--output", str(tmp_path), "--steps", "7", "--quiet",
                                               "--target-modules", "query", "--eval-every", "0"])
@@ -161,3 +166,28 @@ def test_a_cells_command_line_gives_finetune_the_cells_options(tmp_path):
         got = {k: v for k, v in vars(parsed).items() if k not in ("func", "command")}
         assert got == expected, cell["name"]
     assert isinstance(namespace, argparse.Namespace) and namespace.rank == 4 and namespace.seed == 1
+
+
+def test_an_interrupted_compare_says_so_once(capsys, files, tmp_path, monkeypatch):
+    from spectral_peft.tools import compare as compare_module
+
+    monkeypatch.setattr(compare_module, "_run_cell", lambda namespace, in_process: 130)  # a cell's Ctrl-C
+    code, _, err = compare(capsys, files, tmp_path, "--methods", "lora", "--ranks", "1")
+    assert code == 130
+    told = [line for line in err.splitlines() if line.startswith("spectral-peft: interrupted")]
+    assert len(told) == 1 and "rerun the same compare command to continue" in told[0]
+
+
+def test_a_cells_process_leaves_its_interruption_to_compare(capsys, tmp_path, monkeypatch):
+    """A Ctrl-C reaches compare and its cell's process alike: the cell (run with CELL_ENV set) says nothing."""
+    from spectral_peft.tools import finetune
+    from spectral_peft_cli.commands import CELL_ENV
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "run_finetune", interrupted)
+    argv = ["finetune", "--method", "lora", "--output", str(tmp_path / "cell")]
+    assert main(argv) == 130 and capsys.readouterr().err.startswith("spectral-peft: interrupted; rerun the same")
+    monkeypatch.setenv(CELL_ENV, "1")
+    assert main(argv) == 130 and capsys.readouterr().err == ""

@@ -70,6 +70,8 @@ def test_finetune_writes_a_finished_run_and_evaluate_reproduces_it(capsys, files
     assert metrics["trainable_params"] > metrics["head_params"] > 0
     assert metrics["adapter_bytes"] > 0 and metrics["peak_memory_mib"] > 0 and metrics["wall_time_s"] > 0
     assert metrics["time_per_step_s"] > 0
+    if method != "full":  # PEFT adds its own head names to a sequence classifier's: the file names the head once
+        assert json.loads((output / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
     weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     assert metrics["adapter_bytes"] == (output / weights).stat().st_size
     assert (output / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -139,6 +141,7 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(capsys, files, tm
     assert m1["loss"] == m2["loss"] and m1["test"] == m2["test"]
     assert [v["step"] for v in m1["validation"]] == [v["step"] for v in m2["validation"]] == [4, 8, 10]
     assert m2["resumed_from_step"] == 4
+    assert m1["base"] == m2["base"] and m1["base"]["validation"]["examples"] == 6  # measured before step 1, kept
     if method == "loca":
         # the locations did move during the location phases, so the resumed run had to get them right
         from peft import PeftModel
@@ -267,3 +270,82 @@ def test_evaluate_of_a_folder_that_is_not_a_run(capsys, tmp_path):
     (tmp_path / "half" / "run.json").write_text("{}")
     code = main(["evaluate", "--adapter", str(tmp_path / "half")])
     assert code == 2 and "did not finish" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# before and after: the base model's metrics
+
+
+def test_the_base_model_is_measured_before_training_and_shown_beside_the_result(capsys, files, tmp_path):
+    output = tmp_path / "run"
+    code, out, err = finetune(capsys, files, output, "lora")
+    assert code == 0, err
+    base = json.loads((output / "metrics.json").read_text())["base"]
+    assert base["fresh_head"] is True
+    assert set(base["validation"]) == set(base["test"]) == {"accuracy", "macro_f1", "loss", "examples"}
+    assert base["test"]["examples"] == 12 and base["validation"]["examples"] == 6
+    assert f"(base model (fresh head): accuracy {base['test']['accuracy']:.4f})" in out
+    assert "base model (fresh head), test: accuracy" in err
+
+
+def test_steps_0_gives_the_base_models_metrics(capsys, files, tmp_path):
+    output = tmp_path / "run"
+    code, out, err = finetune(capsys, files, output, "lora", "--steps", "0")
+    assert code == 0, err
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["steps"] == 0 and metrics["loss"] == [] and [v["step"] for v in metrics["validation"]] == [0]
+    # LoRA starts as the base model (B = 0): nothing trained, nothing changed
+    assert metrics["test"]["accuracy"] == metrics["base"]["test"]["accuracy"]
+    assert metrics["test"]["loss"] == pytest.approx(metrics["base"]["test"]["loss"], rel=1e-6)
+
+
+def test_a_language_models_base_perplexity_and_skip_base(capsys, files, tmp_path):
+    output = tmp_path / "lm"
+    code, out, err = finetune(capsys, files, output, "lora", task=files["txt"], model=files["gpt2"])
+    assert code == 0, err
+    base = json.loads((output / "metrics.json").read_text())["base"]
+    assert base["fresh_head"] is False and base["test"]["perplexity"] > 1
+    assert "(base model: perplexity " in out
+    code, out, err = finetune(capsys, files, tmp_path / "skipped", "lora", "--skip-base")
+    assert code == 0, err
+    assert json.loads((tmp_path / "skipped" / "metrics.json").read_text())["base"] is None
+    assert "base model" not in err + out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# interrupted runs
+
+
+def _interrupt_at(monkeypatch, step: int):
+    from spectral_peft.tools import training
+
+    real = training.Training.step
+
+    def step_or_interrupt(self, stream, at, grad_accum):
+        if at == step:
+            raise KeyboardInterrupt
+        return real(self, stream, at, grad_accum)
+
+    monkeypatch.setattr(training.Training, "step", step_or_interrupt)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing(capsys, files, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    _interrupt_at(monkeypatch, 1)
+    code, _, err = finetune(capsys, files, output, "lora", "--save-every", "3")
+    assert code == 130 and not output.exists()
+    told = [line for line in err.splitlines() if line.startswith("spectral-peft: interrupted")]
+    assert len(told) == 1 and "rerun the same finetune command with --resume" in told[0]
+    monkeypatch.undo()
+    assert finetune(capsys, files, output, "lora")[0] == 0  # the same command starts again
+
+
+def test_a_run_stopped_after_a_checkpoint_keeps_it(capsys, files, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    _interrupt_at(monkeypatch, 3)
+    code, _, err = finetune(capsys, files, output, "lora", "--save-every", "2")
+    assert code == 130 and (output / "checkpoint" / "state.pt").is_file() and (output / "run.json").is_file()
+    monkeypatch.undo()
+    code, _, err = finetune(capsys, files, output, "lora", "--save-every", "2", "--resume")
+    assert code == 0, err
+    assert json.loads((output / "metrics.json").read_text())["resumed_from_step"] == 2

@@ -1,11 +1,14 @@
-"""Tasks read for finetune: a CSV / JSONL / text file that cannot be used gives one line on stderr, exit code 2,
-no traceback and no output folder."""
+"""Tasks read for finetune: a CSV / JSONL / text file that cannot be used gives one error on stderr (every problem
+found, one line each), exit code 2, no traceback and no output folder; a user's file is read with the columns and
+the encoding it has."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+
+from spectral_peft.tools.errors import UsageError
 
 from .cli_support import bad_input, examples, finetune_argv, write_csv, write_jsonl
 
@@ -64,3 +67,89 @@ def test_a_single_label(capsys, bert, tmp_path):
     path = write_csv(tmp_path / "d.csv", [{"text": "cat dog", "label": "animals"}] * 10)
     out = tmp_path / "out"
     bad_input(capsys, finetune_argv(bert, path, out), out, "at least 2 labels")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a user's file as it is: other column names, another encoding; every problem in one error
+
+
+def _tweets(path, rows, encoding="utf-8"):
+    """A CSV as a user may have it: columns id, sentiment, tweet; accented words."""
+    lines = ["id,sentiment,tweet"] + [f"{i},{r['label']},{r['text']} café" for i, r in enumerate(rows)]
+    path.write_bytes(("\n".join(lines) + "\n").encode(encoding))
+    return path
+
+
+def test_a_latin1_csv_with_other_columns_tells_every_problem_and_its_flag(capsys, bert, tmp_path):
+    path = _tweets(tmp_path / "tweets.csv", examples(per_label=10), encoding="latin-1")
+    out = tmp_path / "out"
+    error = bad_input(capsys, finetune_argv(bert, path, out), out, "3 problems:")
+    assert "not UTF-8 text (invalid continuation byte at byte " in error and "--encoding latin-1" in error
+    assert "no 'label' column (found: id, sentiment, tweet); name the label column with --label-column" in error
+    assert "no 'text' column (found: id, sentiment, tweet); name the text column with --text-column" in error
+
+
+def test_a_latin1_csv_with_other_columns_trains_with_the_flags_and_evaluates(capsys, bert, tmp_path):
+    from spectral_peft_cli import main
+
+    path = _tweets(tmp_path / "tweets.csv", examples(per_label=10), encoding="latin-1")
+    out = tmp_path / "out"
+    argv = finetune_argv(bert, path, out, "--text-column", "tweet", "--label-column", "sentiment",
+                         "--encoding", "latin-1")
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert (settings["text_column"], settings["label_column"], settings["encoding"]) == ("tweet", "sentiment",
+                                                                                          "latin-1")
+    assert json.loads((out / "run.json").read_text())["label_names"] == ["animals", "colors", "numbers"]
+    assert main(["evaluate", "--adapter", str(out), "--threads", "1"]) == 0  # read again with the run's encoding
+    assert " NO" not in capsys.readouterr().out
+
+
+def test_the_texts_are_read_in_the_encoding_given(bert, tmp_path):
+    from spectral_peft.tools.tasks import load_task
+
+    path = _tweets(tmp_path / "tweets.csv", examples(per_label=10), encoding="cp1252")
+    formats = {"text_column": "tweet", "label_column": "sentiment", "encoding": "cp1252"}
+    task = load_task(str(path), formats=formats)
+    assert all(row["text"].endswith(" café") for split in task.splits.values() for row in split)
+
+
+def test_jsonl_with_other_field_names(capsys, bert, tmp_path):
+    from spectral_peft.tools.tasks import load_task
+
+    rows = [{"body": r["text"], "topic": r["label"]} for r in examples(per_label=10)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    bad_input(capsys, finetune_argv(bert, path, out, "--label-column", "topic"), out,
+              "no 'text' column (found: body, topic); name the text column with --text-column")
+    task = load_task(str(path), formats={"text_column": "body", "label_column": "topic"})
+    assert task.label_names == ["animals", "colors", "numbers"] and sum(map(len, task.splits.values())) == 30
+
+
+def test_an_unknown_encoding_and_a_misnamed_column(capsys, bert, good_csv, tmp_path):
+    out = tmp_path / "out"
+    error = bad_input(capsys, finetune_argv(bert, good_csv, out, "--encoding", "latin-9x"), out,
+                      "--encoding: unknown encoding 'latin-9x'")
+    assert "problems" not in error
+    bad_input(capsys, finetune_argv(bert, good_csv, out, "--text-column", "tweet"), out,
+              "no 'tweet' column (found: text, label), given with --text-column")
+
+
+def test_every_bad_row_is_told_in_one_error(capsys, bert, tmp_path):
+    rows = [{"text": r["text"], "label": r["label"]} for r in examples(per_label=4)]
+    rows[1]["label"], rows[5]["label"] = "", "2.5"
+    path = write_csv(tmp_path / "d.csv", rows)
+    out = tmp_path / "out"
+    error = bad_input(capsys, finetune_argv(bert, path, out), out, "2 problems:")
+    assert "line 3 has an empty label" in error and "line 7 has the label '2.5', a non-integer number" in error
+
+
+def test_a_latin1_text_file_for_language_modelling(capsys, tmp_path):
+    from spectral_peft.tools.tasks import load_task
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("le café est très bon\n".encode("latin-1") * 50)
+    with pytest.raises(UsageError, match=r"line 1\); give the file's encoding with --encoding"):
+        load_task(str(path))
+    assert load_task(str(path), formats={"encoding": "latin-1"}).text.startswith("le café")

@@ -309,4 +309,4 @@ def _gain(kind: str, test: dict, base: Optional[dict]) -> str:
     if not base:
         return ""
     metric = main_metric(kind)
-    return f" ({base_label(base['fresh_head'])}: {metric} {base['test'][metric]:.4f})"
+    return f" ({base_label(base['fresh_head'])}: {metric} {base['test'][metric]:.{3 if metric == 'perplexity' else 4}f})"

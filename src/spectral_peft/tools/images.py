@@ -1,39 +1,12 @@
-"""Images for classification: every file of a task checked once with PIL (that it opens, and that its pixels are
-8-bit), then read and prepared by the model's image processor a batch at a time, so memory holds one batch of
-pixels whatever the size of the data set."""
+"""Images for classification, read and prepared by the model's image processor a batch at a time, so memory holds
+one batch of pixels whatever the size of the data set (every file was checked before, by
+``spectral_peft_cli.inputs.check_images``)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import Problems, UsageError, first_line
-
-# modes whose pixels are 8-bit, which convert to RGB (or L) as they are; 16-bit and float images (I;16, I, F) would
-# be clipped to white by that conversion
-EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
-                             "HSV"})
-
-
-def check_images(paths: Sequence[str]) -> None:
-    """Each file opens as an image with 8-bit pixels: one problem line per file that does not (headers only: a file
-    whose pixel data is cut short is reported when it is read)."""
-    from PIL import Image, UnidentifiedImageError
-
-    problems = Problems()
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                mode = image.mode
-        except UnidentifiedImageError:
-            problems.add(f"{path}: not an image file PIL can read")
-            continue
-        except OSError as error:
-            problems.add(f"{path}: cannot be read ({first_line(error)})")
-            continue
-        if mode not in EIGHT_BIT_MODES:
-            problems.add(f"{path}: pixels of mode {mode} (16-bit or floating point); save it as 8-bit RGB or "
-                         "grayscale")
-    problems.check()
+from .errors import UsageError, first_line
 
 
 def read_image(path: str):

@@ -30,6 +30,7 @@ from spectral_peft_cli.inputs import (
     TEXT_SUFFIXES,
     check_decodes,
     check_fractions,
+    check_images,
     encoding_of,
     image_folder,
     looks_like_path,
@@ -106,6 +107,8 @@ def load_task(name: str, seed: int = 0, validation_fraction: float = 0.1, test_f
         )
     check_decodes(path, formats.encoding)  # the first bad byte's line, before the rows are read
     kind, rows = read_table(path, formats)
+    if kind == IMAGE:
+        check_images([row["value"] for row in rows])  # an image folder's were checked as it was listed
     return _classification_task(str(path), rows, seed, validation_fraction, test_fraction, kind)
 
 
@@ -127,10 +130,6 @@ def _classification_task(name: str, rows: list[dict], seed: int, validation_frac
     into train, validation and test by their ``split`` values or, without them, stratified by the seed."""
     if not rows:
         raise UsageError(f"{name}: the file has no examples")
-    if holds == IMAGE:
-        from .images import check_images
-
-        check_images([row["value"] for row in rows])
     # labels: integers keep their order, strings are sorted; either way mapped to 0..K-1
     values = sorted({row["label"] for row in rows}, key=lambda v: (isinstance(v, str), v))
     if len(values) < 2:
