@@ -281,7 +281,6 @@ def _finish(job: Job, training: Training, args: argparse.Namespace, output: path
         result = evaluate_split(training.model, job.validation, task.kind, args.eval_batch_size, desc="validation")
         history["validation"].append({"step": settings["steps"], **result})
     test = evaluate_split(training.model, job.encoded["test"], task.kind, args.eval_batch_size, desc="test")
-    log(describe_metrics("test", test))
     files = save_model(training.model, output)
     phases = history["phase"] if training.schedule is not None else None
     plot_training(output / PLOT_FILE, history["loss"], history["validation"], main_metric(task.kind),
