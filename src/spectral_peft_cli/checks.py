@@ -91,8 +91,11 @@ def check_analyze(args, problems: Problems) -> None:
         value = getattr(args, key)
         if value is not None and value < 1:
             problems.add(f"{flag(key)} must be positive, got {value}")
-    problems.catch(check_model_folder, args.base, "--base model")
-    problems.catch(check_model_folder, args.tuned, "--tuned model")
+    for option, name in (("--base", args.base), ("--tuned", args.tuned)):
+        try:
+            check_model_folder(name)
+        except UsageError as error:
+            problems.add(f"{option}: {error}{adapter_hint(name)}")
     if args.adapter is not None:
         folder = pathlib.Path(args.adapter).expanduser()
         if not folder.is_dir():
@@ -107,6 +110,13 @@ def check_analyze(args, problems: Problems) -> None:
     output = _check_output_folder(args.output, problems)
     if output.is_dir() and any(output.iterdir()) and not (output / ANALYSIS_FILE).exists():
         problems.add(f"--output {output} is not empty and holds no earlier analysis; use another folder")
+
+
+def adapter_hint(name: Optional[str]) -> str:
+    """For a model option given a folder that holds a PEFT adapter instead."""
+    if name is not None and (pathlib.Path(name).expanduser() / "adapter_config.json").is_file():
+        return " (it holds a PEFT adapter: pass it as --adapter)"
+    return ""
 
 
 def check_nothing(args, problems: Problems) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from spectral_peft.analysis import FRACTIONS, RANKS, analyze_matrix, compare_locations, white_noise_reference
 from spectral_peft_cli.arguments import DATA_DEFAULTS, option_tokens
+from spectral_peft_cli.checks import adapter_hint
 
 from .analyze_report import (
     APPROXIMATIONS,
@@ -158,10 +159,7 @@ def _resolve(option: str, name: Optional[str]):
     try:
         return resolve_model(name)
     except UsageError as error:
-        hint = ""
-        if name is not None and (pathlib.Path(name).expanduser() / "adapter_config.json").is_file():
-            hint = " (it holds a PEFT adapter: pass it as --adapter)"
-        raise UsageError(f"{option}: {error}{hint}") from None
+        raise UsageError(f"{option}: {error}{adapter_hint(name)}") from None
 
 
 @dataclass

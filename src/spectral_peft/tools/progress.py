@@ -137,9 +137,12 @@ def track(iterable: Iterable, total: Optional[int] = None, desc: str = "", unit:
 def reporting(module):
     """While inside, ``module``'s loops drawn with tqdm (S2FT's preparation: ``spectral_peft.s2ft.prepare``) report
     through :func:`track`, so a log gets their progress lines too."""
-    original = getattr(module, "tqdm", None)
+    had, original = hasattr(module, "tqdm"), getattr(module, "tqdm", None)
     module.tqdm = track
     try:
         yield
     finally:
-        module.tqdm = original
+        if had:
+            module.tqdm = original
+        else:
+            del module.tqdm

@@ -22,8 +22,10 @@ def test_loca_on_minilm_and_bbc_news(tmp_path, capsys):
     run = json.loads((output / "run.json").read_text())
     assert run["task"] == "bbc-news" and run["model_arg"] is None and run["num_labels"] == 5
     assert metrics["examples"] == {"train": 1558, "validation": 223, "test": 444}
-    # 100 coefficients + 200 float locations on query and value of 6 layers, plus the 384 x 5 head
-    assert metrics["adapter_params"] == 12 * 300 and metrics["head_params"] == 384 * 5 + 5
+    # 100 coefficients on query and value of 6 layers (their 200 float locations counted apart), the 384 x 5 head
+    assert metrics["adapter_params"] == 12 * 100 and metrics["location_params"] == 12 * 200
+    assert metrics["head_params"] == 384 * 5 + 5
+    assert metrics["base"]["fresh_head"] and metrics["base"]["test"]["examples"] == 444
     assert len(metrics["loss"]) == 3 and all(0 < x < 5 for x in metrics["loss"])
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["test"]["examples"] == 444
 
