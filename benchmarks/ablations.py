@@ -18,9 +18,9 @@ of a seed sees the same examples and the spread is the training's alone.
    mechanism switched off, and a verdict: "helps" / "hurts" where the difference of the means is larger than both
    methods' standard deviations over seeds, "no measurable effect" otherwise.
 
-Everything goes through ``spectral-peft compare``: an interrupted run continues where it stopped. ``--loca`` passes
-LoCA's schedule options on (default: the library's defaults); ``--tag`` names a variant of the whole study (its own
-tuning and grid folders), used for the tries of docs/results.md.
+Everything goes through ``spectral-peft compare``: an interrupted run continues where it stopped. ``--options``
+passes more finetune options to every cell (docs/results.md: ``--s2ft-prior-optimizer adam``); ``--tag`` names a
+variant of the whole study (its own tuning and grid folders).
 """
 
 from __future__ import annotations
@@ -174,7 +174,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--loca", default="", help="LoCA's options for every cell, e.g. '--location-lr 1'")
+    parser.add_argument("--options", default="",
+                        help="more finetune options for every cell, e.g. '--s2ft-prior-optimizer adam' or "
+                             "'--location-lr 1' (default: the library's defaults)")
     args = parser.parse_args()
     output = pathlib.Path(args.output)
     task = output / f"bbc-news-{args.shots}-shot.csv"
@@ -182,7 +184,7 @@ def main() -> None:
         write_task(task, args.shots, 20, 100, args.draw_seed)
     common = ["--task", str(task), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
               "--max-length", str(args.max_length), "--eval-every", "0", "--save-every", "0", "--threads", "1",
-              "--quiet", *shlex.split(args.loca)]
+              "--quiet", *shlex.split(args.options)]
     study = output / args.tag if args.tag else output
     tuning = tune(study, common, args.budget)
     for method, trials in tuning["trials"].items():
