@@ -158,7 +158,9 @@ def _add_loop_arguments(train) -> None:
                        help="validate every this many steps (0: only at the end; default 50)")
     train.add_argument("--eval-examples", type=int, default=None,
                        help="validate on the first this many validation examples (default all); test is always whole")
-    train.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch (default 32)")
+    train.add_argument("--eval-batch-size", type=int, default=32,
+                       help="examples per evaluation batch (default 32; a language model takes fewer where their "
+                            "logits would pass 128 MB)")
     train.add_argument("--save-every", type=int, default=100,
                        help="write a checkpoint every this many steps (0: never; default 100)")
     train.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint/ when the run finishes")
