@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import zlib
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -19,6 +19,11 @@ from ..transforms import COMPUTE_DTYPES
 from .config import S2FTConfig
 from .layer import S2FTLinear
 from .ordering import nearest_neighbor_order
+
+
+def _shown(progress: Optional[Callable], iterable: Iterable, total: int, desc: str, unit: str) -> Iterable:
+    """``iterable`` through ``progress`` (tqdm's signature; tqdm by default), or as it is where ``progress`` is None."""
+    return iterable if progress is None else progress(iterable, total=total, desc=desc, unit=unit, leave=False)
 
 
 def _loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
@@ -60,19 +65,20 @@ def _remove_adapters(tuner_model: nn.Module, model: nn.Module, had_config: bool)
         del model.peft_config
 
 
-def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable, num_batches: int) -> dict[str, torch.Tensor]:
+def gradient_prior(model: nn.Module, layers: list[S2FTLinear], batches: Iterable, num_batches: int,
+                   progress: Optional[Callable] = tqdm) -> dict[str, torch.Tensor]:
     """Minus the gradient of the loss w.r.t. each target weight, summed over ``num_batches`` batches.
 
     Only the target weights take gradients (through ``torch.autograd.grad``, so no ``.grad`` is touched and
     no optimizer state exists); every ``requires_grad`` flag and the train/eval mode are restored.
     """
     weights = {layer.module_name: (layer.get_base_layer().weight, layer.fan_in_fan_out) for layer in layers}
-    return summed_gradients(model, weights, batches, num_batches)
+    return summed_gradients(model, weights, batches, num_batches, progress=progress)
 
 
 def summed_gradients(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor, bool]], batches: Iterable,
                      num_batches: int, desc: str = "S2FT gradient prior",
-                     quiet: bool = False) -> dict[str, torch.Tensor]:
+                     progress: Optional[Callable] = tqdm) -> dict[str, torch.Tensor]:
     """Minus the summed gradient of the loss over ``num_batches`` batches, for each named weight of ``model``.
 
     ``weights`` maps a name to ``(weight, transposed)``; a transposed (Conv1D, in x out) weight's gradient is
@@ -89,8 +95,7 @@ def summed_gradients(model: nn.Module, weights: Mapping[str, tuple[torch.Tensor,
             w.requires_grad_(True)
         model.eval()
         prior_batches = itertools.islice(batches, num_batches)
-        for batch in tqdm(prior_batches, total=num_batches, desc=desc, unit="batch", leave=False,
-                          disable=True if quiet else None):
+        for batch in _shown(progress, prior_batches, total=num_batches, desc=desc, unit="batch"):
             grads = torch.autograd.grad(_loss(model, batch), tensors)
             for (name, (_, transposed)), grad in zip(weights.items(), grads):
                 priors[name] -= (grad.T if transposed else grad).detach().float().cpu()
@@ -125,7 +130,8 @@ def _input_directions(lora_model: nn.Module, batch: Mapping, rank: int) -> dict[
     return directions
 
 
-def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[str, torch.Tensor]:
+def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable,
+               progress: Optional[Callable] = tqdm) -> dict[str, torch.Tensor]:
     """``scaling * B @ A`` of each target after a short LoRA warm-up with stock PEFT on a throw-away adapter.
 
     ``A`` starts at the top principal directions of the layer's input on the first batch (``B`` at zero, as
@@ -165,7 +171,7 @@ def lora_prior(model: nn.Module, config: S2FTConfig, batches: Iterable) -> dict[
             optimizer_class = torch.optim.Adam if config.prior_optimizer == "adam" else torch.optim.SGD
             optimizer = optimizer_class(trainable, lr=config.warm_up_lr)
             warm_up = itertools.chain([first], itertools.islice(cached, config.prior_steps - 1))
-            for batch in tqdm(warm_up, total=config.prior_steps, desc="S2FT LoRA prior", unit="step", leave=False):
+            for batch in _shown(progress, warm_up, total=config.prior_steps, desc="S2FT LoRA prior", unit="step"):
                 _loss(lora_model, batch).backward()
                 optimizer.step()
                 lora_model.zero_grad(set_to_none=True)
@@ -211,7 +217,8 @@ def _all_reduce_priors(priors: dict[str, torch.Tensor], mode: str) -> None:
             torch.distributed.broadcast(priors[name], src=0)
 
 
-def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapter_name: str = "default") -> PeftModel:
+def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapter_name: str = "default",
+                 progress: Optional[Callable] = tqdm) -> PeftModel:
     """Wrap ``model`` with an S2FT adapter ready to train.
 
     Estimates a prior weight change per target matrix from ``batches`` (dicts of model inputs with labels, as a
@@ -219,7 +226,8 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
     ``config.ordering`` says: the identity or a random permutation, the ablations of the reordering), and places
     the ``n_frequency`` coefficients at the largest-energy cells of the permuted prior's spectrum. Coefficients
     start at zero, so the returned model computes exactly what ``model`` did. Under ``torch.distributed`` every
-    rank ends with the same orderings and locations.
+    rank ends with the same orderings and locations. ``progress`` wraps the prior's and the orderings' loops, with
+    tqdm's signature (tqdm itself by default; None shows nothing).
     """
     if not isinstance(config, S2FTConfig):
         raise TypeError(f"prepare_s2ft needs an S2FTConfig, got {type(config).__name__}")
@@ -228,7 +236,7 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
             "prepare_s2ft takes the base model, not a PeftModel: it would wrap the PeftModel in another one; pass "
             "model.get_base_model() of a fresh model, or merge_and_unload() the other adapter first"
         )
-    lora_priors = lora_prior(model, config, batches) if config.prior == "lora" else None
+    lora_priors = lora_prior(model, config, batches, progress) if config.prior == "lora" else None
     had_config = hasattr(model, "peft_config")
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -236,7 +244,7 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
     try:
         layers = [m for m in peft_model.modules() if isinstance(m, S2FTLinear) and adapter_name in m.s2ft_coefficients]
         if lora_priors is None:
-            priors = gradient_prior(peft_model, layers, batches, config.prior_batches)
+            priors = gradient_prior(peft_model, layers, batches, config.prior_batches, progress)
         else:
             missing = [layer.module_name for layer in layers if layer.module_name not in lora_priors]
             if missing:
@@ -244,7 +252,7 @@ def prepare_s2ft(model: nn.Module, config: S2FTConfig, batches: Iterable, adapte
             priors = {layer.module_name: lora_priors[layer.module_name] for layer in layers}
         _all_reduce_priors(priors, config.prior)
         placements = {}
-        for layer in tqdm(layers, desc="S2FT orderings", unit="matrix", leave=False):
+        for layer in _shown(progress, layers, total=len(layers), desc="S2FT orderings", unit="matrix"):
             prior = priors[layer.module_name]
             if not torch.isfinite(prior).all():
                 raise ValueError(f"prepare_s2ft: the prior of module '{layer.module_name}' contains NaN or Inf")

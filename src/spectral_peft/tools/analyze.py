@@ -253,8 +253,10 @@ def _gradient_priors(base: _Base, settings: dict, names, quiet: bool) -> dict:
     linear = _linear_weights(base.model)
     weights = {name: (linear[name][0].weight, linear[name][1]) for name in names}
     batches = (stream.batch(i) for i in range(settings["prior_batches"]))
+    from .progress import track
+
     return summed_gradients(base.model, weights, batches, settings["prior_batches"], desc="gradient prior",
-                            quiet=quiet)
+                            progress=None if quiet else track)
 
 
 def _measure(deltas: dict, priors: dict, base_model, layers: dict, config, seed: int, with_tuned: bool,

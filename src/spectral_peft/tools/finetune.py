@@ -88,11 +88,8 @@ def build_method(settings: dict, base, task_kind: str, prior_batches=None):
         # images: PEFT's plain PeftModel, which passes pixel_values on (its task types are for text)
         "task_type": {CLASSIFICATION: "SEQ_CLS", LANGUAGE_MODELING: "CAUSAL_LM"}.get(task_kind),
     }
-    import spectral_peft.s2ft.prepare
-
     try:
-        with progress.reporting(spectral_peft.s2ft.prepare):  # S2FT's prior and orderings, in a log too
-            model = method.build(base, settings, peft_fields, prior_batches)
+        model = method.build(base, settings, peft_fields, prior_batches)
     except ValueError as error:
         raise UsageError(f"cannot put {method.name} on model '{settings['model'] or 'all-MiniLM-L6-v2'}': "
                          f"{first_line(error)}") from None

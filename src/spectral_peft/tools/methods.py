@@ -99,7 +99,9 @@ def _build_s2ft(base, settings: Mapping, peft_fields: dict, prior_batches=None):
     )
     if prior_batches is None:
         return get_peft_model(base, config)
-    return prepare_s2ft(base, config, prior_batches)
+    from .progress import track  # the prior's and the orderings' progress, in a log too
+
+    return prepare_s2ft(base, config, prior_batches, progress=track)
 
 
 def _build_full(base, settings: Mapping, peft_fields: dict, prior_batches=None):

@@ -7,7 +7,6 @@ sets, once per run, how often a log gets a line (``--log-every``) and whether an
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from typing import Iterable, Optional
@@ -131,18 +130,3 @@ def track(iterable: Iterable, total: Optional[int] = None, desc: str = "", unit:
         for item in iterable:
             yield item
             progress.update(1)
-
-
-@contextlib.contextmanager
-def reporting(module):
-    """While inside, ``module``'s loops drawn with tqdm (S2FT's preparation: ``spectral_peft.s2ft.prepare``) report
-    through :func:`track`, so a log gets their progress lines too."""
-    had, original = hasattr(module, "tqdm"), getattr(module, "tqdm", None)
-    module.tqdm = track
-    try:
-        yield
-    finally:
-        if had:
-            module.tqdm = original
-        else:
-            del module.tqdm
