@@ -119,8 +119,9 @@ def main(argv=None) -> None:
     total_params = sum(p.numel() for p in model.parameters())
     n_layers = sum(isinstance(m, LocaLinear) for m in model.modules())
     print(f"LoCA on {n_layers} matrices (query, value x {n_layers // 2} layers), n_frequency={args.n_frequency}; "
-          f"trainable parameters: {sum(trainable.values()):,} of {total_params:,} ("
-          + ", ".join(f"{k} {v:,}" for k, v in trainable.items()) + ")")
+          f"trained parameters: {trainable['LoCA coefficients'] + trainable['classifier head']:,} of {total_params:,} "
+          f"(LoCA coefficients {trainable['LoCA coefficients']:,}, classifier head {trainable['classifier head']:,}; "
+          f"plus {trainable['LoCA locations']:,} location floats, positions rather than weights, counted apart)")
 
     optimizer = torch.optim.Adam(param_groups(model, args.lr, args.head_lr, args.location_lr))
     schedule = spectral_peft.LocaSchedule(model, total_steps=args.steps)
