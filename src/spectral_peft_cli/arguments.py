@@ -127,7 +127,8 @@ def _add_method_arguments(method, grid: bool) -> None:
     method.add_argument("--loca-location-steps", type=int, default=20,
                         help="LoCA: location-only steps per cycle, B_l (default 20)")
     method.add_argument("--location-learning-steps", type=int, default=None,
-                        help="LoCA: steps during which locations may move, B_s (default 10%% of the steps)")
+                        help="LoCA: steps during which locations may move, B_s (default 10%% of the steps but at "
+                             "least one full cycle, shrunk to half the run in a short one; 0 freezes the locations)")
     method.add_argument("--s2ft-prior", choices=("gradient", "lora"), default=None,
                         help="S2FT: prior weight change (default S2FTConfig's: lora, a short LoRA warm-up; gradient "
                              "is cheaper)")
