@@ -106,7 +106,11 @@ def measure(work: Workload, methods: list, n: int, rank: int, repeats: int, warm
     base_step = statistics.median(step_times[BASE])
     for name in names:
         entry = {"step_s": _summary(step_times[name]), "overhead_s": statistics.median(step_times[name]) - base_step,
-                 "trainable": sum(p.numel() for p in models[name].parameters() if p.requires_grad)}
+                 # the one parameter count (training.count_parameters): weights; LoCA's locations apart
+                 "trainable": sum(p.numel() for n_, p in models[name].named_parameters()
+                                  if p.requires_grad and "loca_locations" not in n_),
+                 "location_params": sum(p.numel() for n_, p in models[name].named_parameters()
+                                        if p.requires_grad and "loca_locations" in n_)}
         # peak = frozen weights + trainable parameters and their two AdamW moments + the step's peak growth
         # (activations kept for backward, gradients, temporaries)
         trainable = [p for p in models[name].parameters() if p.requires_grad]
