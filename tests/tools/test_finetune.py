@@ -234,7 +234,8 @@ def test_s2ft_prior_optimizer_reaches_the_warm_up_and_is_recorded(capsys, files,
 
     seen = []
     real = prepare.lora_prior
-    monkeypatch.setattr(prepare, "lora_prior", lambda model, config, batches: seen.append(config) or real(model, config, batches))
+    monkeypatch.setattr(prepare, "lora_prior",
+                        lambda model, config, *rest: seen.append(config) or real(model, config, *rest))
     for optimizer in (None, "adam"):
         output = tmp_path / f"s2ft-{optimizer}"
         extra = ("--s2ft-prior-optimizer", optimizer) if optimizer else ()
