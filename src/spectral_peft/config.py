@@ -106,6 +106,21 @@ class SpectralConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{name}: layers_pattern needs layers_to_transform")
 
+    def _require_int(self, field_name: str, minimum: Optional[int] = None, optional: bool = False) -> None:
+        """Raise a ValueError naming the config and field unless it holds an integer (>= ``minimum``; or None)."""
+        value = getattr(self, field_name)
+        if optional and value is None:
+            return
+        if isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum):
+            return
+        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ValueError(f"{type(self).__name__}.{field_name} must be {'None or ' if optional else ''}{expected}, got {value!r}")
+
+    def _require_choice(self, field_name: str, choices) -> None:
+        value = getattr(self, field_name)
+        if value not in choices:
+            raise ValueError(f"{type(self).__name__}.{field_name} must be one of {tuple(choices)}, got {value!r}")
+
     def _check_types(self, name: str) -> None:
         # values read from a hand-edited adapter_config.json: a wrong type must not reach PEFT's injection, where
         # it fails obscurely or not at all (fan_in_fan_out="no" is truthy)

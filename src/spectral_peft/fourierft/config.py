@@ -28,5 +28,4 @@ class FastFourierFTConfig(SpectralConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
-            raise ValueError(f"FastFourierFTConfig.random_loc_seed must be an integer, got {self.random_loc_seed!r}")
+        self._require_int("random_loc_seed")

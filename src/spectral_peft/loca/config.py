@@ -38,14 +38,9 @@ class LocaConfig(SpectralConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("coefficient_steps", "location_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"LocaConfig.{name} must be a non-negative integer, got {value!r}")
+        self._require_int("coefficient_steps", minimum=0)
+        self._require_int("location_steps", minimum=0)
         if self.coefficient_steps + self.location_steps == 0:
             raise ValueError("LocaConfig: coefficient_steps and location_steps cannot both be 0")
-        steps = self.location_learning_steps
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
-            raise ValueError(f"LocaConfig.location_learning_steps must be None or a non-negative integer, got {steps!r}")
-        if self.location_seed is not None and (not isinstance(self.location_seed, int) or isinstance(self.location_seed, bool)):
-            raise ValueError(f"LocaConfig.location_seed must be None or an integer, got {self.location_seed!r}")
+        self._require_int("location_learning_steps", minimum=0, optional=True)
+        self._require_int("location_seed", optional=True)

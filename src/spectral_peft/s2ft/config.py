@@ -62,21 +62,14 @@ class S2FTConfig(SpectralConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.transform not in TRANSFORMS:
-            raise ValueError(f"S2FTConfig.transform must be one of {TRANSFORMS}, got {self.transform!r}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"S2FTConfig.prior must be one of {PRIORS}, got {self.prior!r}")
-        if self.ordering not in ORDERINGS:
-            raise ValueError(f"S2FTConfig.ordering must be one of {ORDERINGS}, got {self.ordering!r}")
-        if not isinstance(self.ordering_seed, int) or isinstance(self.ordering_seed, bool):
-            raise ValueError(f"S2FTConfig.ordering_seed must be an integer, got {self.ordering_seed!r}")
-        if self.prior_optimizer not in PRIOR_OPTIMIZERS:
-            raise ValueError(f"S2FTConfig.prior_optimizer must be one of {PRIOR_OPTIMIZERS}, got {self.prior_optimizer!r}")
-        for name in ("prior_batches", "prior_steps", "prior_rank", "refine_passes"):
-            value = getattr(self, name)
-            minimum = 0 if name == "refine_passes" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"S2FTConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        for field_name, choices in (
+            ("transform", TRANSFORMS), ("prior", PRIORS), ("ordering", ORDERINGS), ("prior_optimizer", PRIOR_OPTIMIZERS),
+        ):
+            self._require_choice(field_name, choices)
+        self._require_int("ordering_seed")
+        for field_name in ("prior_batches", "prior_steps", "prior_rank"):
+            self._require_int(field_name, minimum=1)
+        self._require_int("refine_passes", minimum=0)
         if self.prior_lr is not None and (
             not isinstance(self.prior_lr, (int, float)) or isinstance(self.prior_lr, bool) or not self.prior_lr > 0
         ):
