@@ -39,6 +39,13 @@ def test_measure_reports_every_method_against_the_base_step():
     assert "| LoRA (stock PEFT) |" in table and "| 1.00 / 1.00 |" in table
 
 
+def test_peak_memory_measurement_keeps_the_profilers_native_log_off_stderr(capfd):
+    capfd.readouterr()
+    peak = bench._peak_step_growth_cpu(lambda: torch.ones(256, 256).sum())
+    err = capfd.readouterr().err
+    assert peak >= 256 * 256 * 4 and "profiler_st" not in err
+
+
 def test_paired_ratios_cancel_a_slow_spell_that_the_medians_do_not():
     # the third round ran three times slower for everyone; the reference also had a slow second round
     method, reference = [1.1, 1.1, 3.3], [1.0, 3.0, 3.0]

@@ -12,10 +12,13 @@ model with realistic widths, hidden 2048, intermediate 5632, 2 layers, random we
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
@@ -145,11 +148,27 @@ def measure(work: Workload, methods: list, n: int, rank: int, repeats: int, warm
     return result
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null: the profiler's native library logs two lines at every start and stop,
+    which would bury the bench's own output. Python's exceptions still surface after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _peak_step_growth_cpu(step) -> int:
     """Peak growth of live tensor memory during one step on CPU, from the profiler's allocator events."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # each op's own net allocation at its start, and frees that no op claims ("[memory]"), in time order
     changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
