@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 
@@ -57,22 +58,24 @@ def _step(model, x, grad):
     x.grad = None
 
 
-def _timed(models: dict, x, grad, rounds: int) -> dict:
-    times = {name: [] for name in models}
+def timed_rounds(steps: dict, rounds: int, skip: int = 0) -> dict:
+    """Median wall time in ms of each step function over ``rounds`` interleaved rounds (the first ``skip`` left
+    out), so that a slow spell of the machine slows every one alike."""
+    times = {name: [] for name in steps}
     for _ in range(rounds):
-        for name, model in models.items():
+        for name, step in steps.items():
             start = time.perf_counter()
-            _step(model, x, grad)
+            step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values[1:]) * 1e3 for name, values in times.items()}
+    return {name: statistics.median(values[skip:]) * 1e3 for name, values in times.items()}
 
 
-def _profile_rows(model, x, grad, steps: int, top: int) -> list[tuple[str, float, float]]:
+def profile_ops(step, steps: int) -> dict:
+    """Operation -> (own CPU ms per step, calls per step) over ``steps`` calls of ``step``, from torch's profiler."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            _step(model, x, grad)
-    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    return [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in rows]
+            step()
+    return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
 
 
 def main() -> None:
@@ -95,7 +98,8 @@ def main() -> None:
         grad = torch.randn(args.tokens, shape[0])
         for model in models.values():  # warm-up: kept structures and buffers built
             _step(model, x, grad)
-        times = _timed(models, x, grad, args.rounds)
+        times = timed_rounds({name: functools.partial(_step, model, x, grad) for name, model in models.items()},
+                             args.rounds, skip=1)
         frozen = times.pop("frozen")
         own = {name: value - frozen for name, value in times.items()}
         print(f"\n## {text} (out x in), {args.tokens} tokens, {args.threads} threads, path {args.path}\n")
@@ -104,7 +108,8 @@ def main() -> None:
         for name in args.methods:
             print(f"\n{name}: operations by own CPU time per step (profiled)\n")
             print("| operation | ms per step | calls per step |\n|---|---|---|")
-            for key, ms, calls in _profile_rows(models[name], x, grad, args.profiled, args.top):
+            ops = profile_ops(functools.partial(_step, models[name], x, grad), args.profiled)
+            for key, (ms, calls) in sorted(ops.items(), key=lambda item: -item[1][0])[: args.top]:
                 print(f"| {key} | {ms:.3f} | {calls:g} |")
 
 

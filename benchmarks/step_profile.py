@@ -14,11 +14,9 @@ the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from layer_costs import profile_ops, timed_rounds  # beside this script
 
 from spectral_peft.tools.workloads import build_variant, workload
 
@@ -32,14 +30,6 @@ def _stepper(work, model):
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def _profile(step, steps: int) -> dict[str, tuple[float, float]]:
-    """Operation -> (own CPU ms per step, calls per step)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
 
 
 def main() -> None:
@@ -59,17 +49,11 @@ def main() -> None:
     steps = {m: _stepper(work, build_variant(m, work, args.n_frequency, args.rank)) for m in args.methods}
     for step in steps.values():  # warm-up: kept structures and optimizer state built
         step(), step()
-    times = {m: [] for m in args.methods}
-    for _ in range(args.rounds):
-        for method, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[method].append(time.perf_counter() - start)
-    medians = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+    medians = timed_rounds(steps, args.rounds)
     first = args.methods[0]
     print(f"\n## {args.shape}, {args.threads} thread(s): training step, median of {args.rounds} interleaved rounds\n")
     print(" | ".join(f"{m} {ms:.0f} ms ({ms / medians[first]:.2f}x)" for m, ms in medians.items()))
-    profiles = {m: _profile(step, args.profiled) for m, step in steps.items()}
+    profiles = {m: profile_ops(step, args.profiled) for m, step in steps.items()}
     keys = set().union(*profiles.values())
 
     def spread(key):
@@ -77,7 +61,8 @@ def main() -> None:
         return max(abs(v - own[0]) for v in own)
 
     print(f"\nown CPU ms per step (calls per step), profiled over {args.profiled} steps; total of all operations last\n")
-    print("| operation | " + " | ".join(args.methods) + " |\n|---" * (len(args.methods) + 1) + "|")
+    print("| operation | " + " | ".join(args.methods) + " |")
+    print("|---" * (len(args.methods) + 1) + "|")
     for key in sorted(keys, key=spread, reverse=True)[: args.top]:
         cells = [profiles[m].get(key, (0.0, 0)) for m in args.methods]
         print(f"| {key} | " + " | ".join(f"{ms:.1f} ({calls:g})" for ms, calls in cells) + " |")
