@@ -22,16 +22,18 @@ _NOT_NEGATIVE = ("steps", "eval_every", "save_every", "location_learning_steps",
                  "loca_coefficient_steps", "loca_location_steps")
 
 
+def _at_least(args: argparse.Namespace, keys, minimum: int, problems: Problems) -> None:
+    """Each option of ``keys`` that is given must be ``minimum`` (1: positive, 0: 0 or more) or more."""
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None and value < minimum:
+            problems.add(f"{flag(key)} must be {'positive' if minimum == 1 else '0 or more'}, got {value}")
+
+
 def check_training_options(args: argparse.Namespace, problems: Problems) -> None:
     """finetune's (and compare's) numbers and method."""
-    for key in _POSITIVE:
-        value = getattr(args, key, None)
-        if value is not None and value < 1:
-            problems.add(f"{flag(key)} must be positive, got {value}")
-    for key in _NOT_NEGATIVE:
-        value = getattr(args, key, None)
-        if value is not None and value < 0:
-            problems.add(f"{flag(key)} must be 0 or more, got {value}")
+    _at_least(args, _POSITIVE, 1, problems)
+    _at_least(args, _NOT_NEGATIVE, 0, problems)
     if getattr(args, "epochs", None) is not None and not args.epochs > 0:
         problems.add(f"--epochs must be positive, got {args.epochs}")
     for key in ("lr", "head_lr", "location_lr"):
@@ -71,7 +73,7 @@ def check_finetune(args, problems: Problems) -> None:
 
 def check_compare(args, problems: Problems) -> None:
     parse_grid(args, problems)
-    check_training_options(argparse.Namespace(**{**vars(args), "lr": None, "method": None}), problems)
+    check_training_options(args, problems)  # its --lr is a grid of rates (parse_grid), not a number
     problems.catch(check_fractions, args.val_fraction, args.test_fraction)
     check_task(args.task, args, problems)
     problems.catch(check_model_folder, args.model)
@@ -80,17 +82,13 @@ def check_compare(args, problems: Problems) -> None:
 
 def check_evaluate(args, problems: Problems) -> None:
     problems.catch(check_finished_run, pathlib.Path(args.adapter).expanduser())
-    if args.threads is not None and args.threads < 1:
-        problems.add(f"--threads must be positive, got {args.threads}")
+    _at_least(args, ("threads",), 1, problems)
 
 
 def check_analyze(args, problems: Problems) -> None:
     if args.tuned is None and args.adapter is None:
         problems.add("give --tuned (a fully fine-tuned model) or --adapter (a PEFT adapter folder), or both")
-    for key in ("prior_batches", "max_length", "batch_size", "threads"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            problems.add(f"{flag(key)} must be positive, got {value}")
+    _at_least(args, ("prior_batches", "max_length", "batch_size", "threads"), 1, problems)
     for option, name in (("--base", args.base), ("--tuned", args.tuned)):
         try:
             check_model_folder(name)
