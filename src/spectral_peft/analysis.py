@@ -161,19 +161,17 @@ def mean_distance(cells: torch.Tensor, reference: torch.Tensor) -> float:
 
 def orderings(matrix: torch.Tensor, prior: Optional[torch.Tensor], seed: int, refine_passes: int = 3) -> dict:
     """Row and column orders: identity, a seeded random permutation, S2FT's chain on ``matrix``, and on ``prior``."""
-    from .s2ft.ordering import nearest_neighbor_order  # here, not above: the s2ft package imports this module
+    from .s2ft.ordering import nearest_neighbor_orders  # here, not above: the s2ft package imports this module
 
     m, n = matrix.shape
     generator = torch.Generator().manual_seed(seed)
     orders = {
         "original": (None, None),
         "random": (torch.randperm(m, generator=generator), torch.randperm(n, generator=generator)),
-        "self": (nearest_neighbor_order(matrix, refine_passes=refine_passes),
-                 nearest_neighbor_order(matrix.T, refine_passes=refine_passes)),
+        "self": nearest_neighbor_orders(matrix, refine_passes=refine_passes),
     }
     if prior is not None:
-        orders["prior"] = (nearest_neighbor_order(prior, refine_passes=refine_passes),
-                           nearest_neighbor_order(prior.T, refine_passes=refine_passes))
+        orders["prior"] = nearest_neighbor_orders(prior, refine_passes=refine_passes)
     return orders
 
 

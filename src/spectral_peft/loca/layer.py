@@ -9,7 +9,6 @@ uniformly at random.
 
 from __future__ import annotations
 
-import zlib
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -17,7 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..layer import SpectralLinear
-from ..spectral import Spectrum, random_cells
+from ..spectral import Spectrum, module_generator, random_cells
 from .locations import resolve_moves
 
 
@@ -35,11 +34,8 @@ class LocaLinear(SpectralLinear):
         self.register_load_state_dict_post_hook(self._cells_from_loaded_locations)
 
     def initial_cells(self, adapter_name: str, n: int, config) -> torch.Tensor:
-        generator = None
-        if config.location_seed is not None:
-            # a different draw per module, reproducible from the one seed
-            generator = torch.Generator().manual_seed(config.location_seed ^ zlib.crc32(self.module_name.encode()))
-        return random_cells(self.shape, n, generator)
+        seed = config.location_seed
+        return random_cells(self.shape, n, None if seed is None else module_generator(seed, self.module_name))
 
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
         self.loca_phase[adapter_name] = (True, False)

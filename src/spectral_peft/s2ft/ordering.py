@@ -25,6 +25,12 @@ def pairwise_sq_distances(matrix: torch.Tensor) -> torch.Tensor:
     return dist.clamp_(min=0)
 
 
+def nearest_neighbor_orders(matrix: torch.Tensor, refine_passes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and the column order of ``matrix`` by :func:`nearest_neighbor_order`."""
+    return (nearest_neighbor_order(matrix, refine_passes=refine_passes),
+            nearest_neighbor_order(matrix.T, refine_passes=refine_passes))
+
+
 def nearest_neighbor_order(matrix: torch.Tensor, two_ended: bool = False, refine_passes: int = 3) -> torch.Tensor:
     """A permutation of the rows of ``matrix`` (d x k) by the greedy nearest-neighbour chain.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import zlib
 from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
@@ -15,10 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..analysis import permute, top_power_cells, transform_2d
+from ..spectral import module_generator
 from ..transforms import COMPUTE_DTYPES
 from .config import S2FTConfig
 from .layer import S2FTLinear
-from .ordering import nearest_neighbor_order
+from .ordering import nearest_neighbor_orders
 
 
 def _shown(progress: Optional[Callable], iterable: Iterable, total: int, desc: str, unit: str) -> Iterable:
@@ -200,10 +200,9 @@ def prior_orders(prior: torch.Tensor, config: S2FTConfig, module_name: str) -> t
     if config.ordering == "none":
         return torch.arange(rows), torch.arange(cols)
     if config.ordering == "random":
-        generator = torch.Generator().manual_seed(config.ordering_seed ^ zlib.crc32(module_name.encode()))
+        generator = module_generator(config.ordering_seed, module_name)
         return torch.randperm(rows, generator=generator), torch.randperm(cols, generator=generator)
-    return (nearest_neighbor_order(prior, refine_passes=config.refine_passes),
-            nearest_neighbor_order(prior.T, refine_passes=config.refine_passes))
+    return nearest_neighbor_orders(prior, refine_passes=config.refine_passes)
 
 
 def _all_reduce_priors(priors: dict[str, torch.Tensor], mode: str) -> None:

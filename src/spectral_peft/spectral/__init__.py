@@ -12,7 +12,7 @@
 
 from .activation import apply_delta
 from .cache import Placement, PlacementCache, Workspace
-from .cells import check_cells, check_permutation, random_cells
+from .cells import check_cells, check_permutation, module_generator, random_cells
 from .factored import factored_forward
 from .paths import DELTA_PRODUCTS, choose_path
 from .spectrum import TRANSFORMS, Spectrum, delta_weight, dense_forward, inverse_order
@@ -20,5 +20,5 @@ from .spectrum import TRANSFORMS, Spectrum, delta_weight, dense_forward, inverse
 __all__ = [
     "DELTA_PRODUCTS", "Placement", "PlacementCache", "Spectrum", "TRANSFORMS", "Workspace", "apply_delta",
     "check_cells", "check_permutation", "choose_path", "delta_weight", "dense_forward", "factored_forward",
-    "inverse_order", "random_cells",
+    "inverse_order", "module_generator", "random_cells",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Optional
 
 import torch
@@ -12,6 +13,12 @@ def random_cells(shape: tuple[int, int], n: int, generator: Optional[torch.Gener
     m, n_cols = shape
     flat = torch.randperm(m * n_cols, generator=generator)[:n]
     return torch.stack([flat // n_cols, flat % n_cols])
+
+
+def module_generator(seed: int, module_name: str) -> torch.Generator:
+    """A generator seeded by ``seed`` mixed with a module's name: a different draw per module, reproducible from
+    the one seed on every rank and rerun."""
+    return torch.Generator().manual_seed(seed ^ zlib.crc32(module_name.encode()))
 
 
 def check_cells(cells: torch.Tensor, shape: tuple[int, int], what: str) -> None:
