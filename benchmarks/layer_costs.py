@@ -17,13 +17,13 @@ import argparse
 import copy
 import functools
 import statistics
-import time
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.profiler import ProfilerActivity, profile
 
 import spectral_peft
+from spectral_peft.tools.bench import interleaved
 
 CONFIGS = {
     "lora": lambda: LoraConfig(r=8, lora_alpha=8, target_modules=["proj"]),
@@ -58,16 +58,11 @@ def _step(model, x, grad):
     x.grad = None
 
 
-def timed_rounds(steps: dict, rounds: int, skip: int = 0) -> dict:
-    """Median wall time in ms of each step function over ``rounds`` interleaved rounds (the first ``skip`` left
-    out), so that a slow spell of the machine slows every one alike."""
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values[skip:]) * 1e3 for name, values in times.items()}
+def median_ms(steps: dict, rounds: int, warmup: int = 0) -> dict:
+    """Median wall time in ms of each step function over ``rounds`` rounds interleaved by ``bench.interleaved``
+    (A, B, C, A, B, C, ...: a slow spell of the machine slows every one alike), after ``warmup`` untimed rounds."""
+    times = interleaved(steps, rounds, warmup, "cpu")
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def profile_ops(step, steps: int) -> dict:
@@ -98,8 +93,8 @@ def main() -> None:
         grad = torch.randn(args.tokens, shape[0])
         for model in models.values():  # warm-up: kept structures and buffers built
             _step(model, x, grad)
-        times = timed_rounds({name: functools.partial(_step, model, x, grad) for name, model in models.items()},
-                             args.rounds, skip=1)
+        times = median_ms({name: functools.partial(_step, model, x, grad) for name, model in models.items()},
+                          args.rounds - 1, warmup=1)
         frozen = times.pop("frozen")
         own = {name: value - frozen for name, value in times.items()}
         print(f"\n## {text} (out x in), {args.tokens} tokens, {args.threads} threads, path {args.path}\n")

@@ -2,7 +2,7 @@
 
     python benchmarks/step_profile.py [--shape llama-1024] [--methods lora loca fastfourierft] [--threads 1]
 
-Builds ``spectral-peft bench``'s workload for ``--shape`` (its models, batch and AdamW step), times ``--rounds``
+Builds ``spectral-peft bench``'s workload for ``--shape`` (its models and batch, and an AdamW step), times ``--rounds``
 interleaved training steps of every method (median, and the ratio to the first method), then records
 ``--profiled`` steps of each with torch's profiler and prints one table: each operation's own CPU time and calls
 per step for every method, the operations that differ most from the first method first. ``aten::copy_`` counts
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from layer_costs import profile_ops, timed_rounds  # beside this script
+from layer_costs import median_ms, profile_ops  # beside this script
 
 from spectral_peft.tools.workloads import build_variant, workload
 
@@ -49,7 +49,7 @@ def main() -> None:
     steps = {m: _stepper(work, build_variant(m, work, args.n_frequency, args.rank)) for m in args.methods}
     for step in steps.values():  # warm-up: kept structures and optimizer state built
         step(), step()
-    medians = timed_rounds(steps, args.rounds)
+    medians = median_ms(steps, args.rounds)
     first = args.methods[0]
     print(f"\n## {args.shape}, {args.threads} thread(s): training step, median of {args.rounds} interleaved rounds\n")
     print(" | ".join(f"{m} {ms:.0f} ms ({ms / medians[first]:.2f}x)" for m, ms in medians.items()))
