@@ -40,7 +40,7 @@ from .analyze_report import (
 from .errors import UsageError, first_line
 from .files import write_json, write_text
 from .models import HEAD_NAMES, ModelInfo, check_compatible, head_name, load_base_model, load_processor, resolve_model
-from .tasks import CLASSIFICATION, IMAGE_CLASSIFICATION, LANGUAGE_MODELING, Task, file_format, is_classification
+from .tasks import CLASSIFICATION, IMAGE_CLASSIFICATION, LANGUAGE_MODELING, Task, is_classification
 
 
 def _run_json(folder: Optional[str]) -> dict:
@@ -180,7 +180,7 @@ def _load_base(args: argparse.Namespace, settings: dict) -> _Base:
         from .tasks import load_task
 
         task = load_task(settings["task"], settings["seed"], settings["val_fraction"], settings["test_fraction"],
-                         file_format(settings))
+                         settings)
         check_compatible(info, task)
         kind, num_labels, label_names = task.kind, task.num_labels, task.label_names
     else:
@@ -194,8 +194,8 @@ def _load_base(args: argparse.Namespace, settings: dict) -> _Base:
         adapter_run = _run_json(args.adapter)
         if adapter_run.get("num_labels"):
             num_labels, label_names = adapter_run["num_labels"], adapter_run.get("label_names")
-        elif _saved_head_labels(args.adapter) is not None:
-            num_labels, label_names = _saved_head_labels(args.adapter), None
+        elif (saved_labels := _saved_head_labels(args.adapter)) is not None:
+            num_labels, label_names = saved_labels, None
     torch.manual_seed(settings["seed"])  # the head's initialisation, as finetune draws it
     # the head is never analysed: one of another size than the checkpoint's is drawn fresh
     model = load_base_model(info, kind, num_labels, tokenizer, label_names, fresh_head=True)

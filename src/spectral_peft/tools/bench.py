@@ -20,7 +20,6 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Optional
 
 import torch
 
@@ -37,14 +36,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(calls: dict, repeats: int, warmup: int, device, before: Optional[Callable[[], None]] = None) -> dict:
-    """Seconds per call of each entry of ``calls``, measured A, B, C, A, B, C, ... after ``warmup`` rounds;
-    ``before``, if given, runs untimed ahead of every call."""
+def interleaved(calls: dict, repeats: int, warmup: int, device) -> dict:
+    """Seconds per call of each entry of ``calls``, measured A, B, C, A, B, C, ... after ``warmup`` rounds."""
     times = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
         for name, call in calls.items():
-            if before is not None:
-                before()
             _sync(device)
             start = time.perf_counter()
             call()

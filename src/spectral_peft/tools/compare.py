@@ -97,10 +97,7 @@ def aggregate(cells: list[dict], metric: str) -> list[dict]:
                   "failed_seeds": [c["seed"] for c in row["cells"] if c["status"] != "finished"]}
         for key in ("trainable_params", "adapter_params", "location_params", "adapter_bytes"):
             result[key] = done[0].get(key) if done else None
-        for key in (metric, "macro_f1"):
-            values = [c["test"][key] for c in done if key in c["test"]]
-            result[f"{key}_mean"], result[f"{key}_std"] = _mean_std(values)
-            result[f"{key}_values"] = values
+        _add_test_stats(result, [c["test"] for c in done], metric)
         result["time_per_step_s"] = _mean_std([c["time_per_step_s"] for c in done if c["time_per_step_s"]])[0]
         result["peak_memory_mib"] = _mean_std([c["peak_memory_mib"] for c in done])[0]
         out.append(result)
@@ -119,11 +116,16 @@ def base_row(cells: list[dict], metric: str) -> Optional[dict]:
     row = {"method": base_label(any(base["fresh_head"] for base in by_seed.values())), "budget": "-",
            "seeds": sorted(by_seed), "failed_seeds": [], "trainable_params": None, "adapter_params": None,
            "adapter_bytes": None, "time_per_step_s": None, "peak_memory_mib": None}
+    _add_test_stats(row, [base["test"] for base in by_seed.values()], metric)
+    return row
+
+
+def _add_test_stats(row: dict, tests: list[dict], metric: str) -> None:
+    """The mean, std and values over ``tests`` of ``metric`` and macro-F1 (where measured), into ``row``."""
     for key in (metric, "macro_f1"):
-        values = [base["test"][key] for base in by_seed.values() if key in base["test"]]
+        values = [test[key] for test in tests if key in test]
         row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(values)
         row[f"{key}_values"] = values
-    return row
 
 
 def _fmt(mean, std, digits: int = 4) -> str:
@@ -235,7 +237,7 @@ def _run_cells(cells: list[dict], args: argparse.Namespace, grid: dict, output: 
 def run_compare(args: argparse.Namespace) -> int:
     from .models import check_compatible, load_processor, quiet_libraries, resolve_model
     from .settings import resolve_settings
-    from .tasks import encode_task, file_format, load_task
+    from .tasks import encode_task, load_task
 
     started = time.perf_counter()
     grid = parse_grid(args)
@@ -244,7 +246,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     # the task and the model must be usable before any cell starts
     quiet_libraries()
-    task = load_task(args.task, seeds[0], args.val_fraction, args.test_fraction, file_format(args))
+    task = load_task(args.task, seeds[0], args.val_fraction, args.test_fraction, args)
     info = resolve_model(args.model)
     check_compatible(info, task)
     encoded = encode_task(task, load_processor(info, task.kind), args.max_length, seeds[0], args.val_fraction,

@@ -13,7 +13,7 @@ from spectral_peft_cli.run_folder import METRICS_FILE, RUN_FILE, check_finished_
 from .errors import UsageError, first_line
 from .evaluation import evaluate_split
 from .models import ModelInfo, load_base_model, load_processor, quiet_libraries, resolve_model
-from .tasks import encode_task, file_format, load_task
+from .tasks import encode_task, load_task
 
 
 def _read_finished_run(folder: pathlib.Path) -> tuple[dict, dict]:
@@ -46,7 +46,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     run, recorded = _read_finished_run(folder)
     quiet_libraries(args.threads)
     task = load_task(run["task"], run["seed"], run["val_fraction"], run["test_fraction"],
-                     file_format(run["settings"]))
+                     run["settings"])
     if task.label_names != run["label_names"]:
         raise UsageError(f"the labels of task '{run['task']}' are now {task.label_names}, the run had "
                          f"{run['label_names']}; the data changed")

@@ -8,19 +8,15 @@ import os
 import pathlib
 import shutil
 
+from spectral_peft.adapter_files import atomic_write
+
 
 def write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(str(path), lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def save_model(model, output: pathlib.Path) -> dict:

@@ -64,7 +64,6 @@ from .tasks import (
     SPLITS,
     Task,
     encode_task,
-    file_format,
     is_classification,
     load_task,
 )
@@ -126,7 +125,7 @@ class Job:
 
 def prepare_job(args: argparse.Namespace, checkpoint: Optional[dict], output: pathlib.Path) -> Job:
     """Everything that can fail on bad input: the task, the model, the settings (those of ``checkpoint``)."""
-    task = load_task(args.task, args.seed, args.val_fraction, args.test_fraction, file_format(args))
+    task = load_task(args.task, args.seed, args.val_fraction, args.test_fraction, args)
     info = resolve_model(args.model)
     check_compatible(info, task)
     tokenizer = load_processor(info, task.kind)

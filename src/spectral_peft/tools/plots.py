@@ -3,9 +3,10 @@ atomically)."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 from typing import Optional
+
+from spectral_peft.adapter_files import atomic_write
 
 
 def _pyplot():
@@ -21,9 +22,7 @@ def _write(plt, fig, path: pathlib.Path, layout: bool = True) -> None:
     """Lays the figure out (unless ``layout`` is False), writes it to ``path`` atomically and closes it."""
     if layout:
         fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(str(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
 
