@@ -251,5 +251,5 @@ def check_model_folder(name: Optional[str], what: str = "model") -> None:
             raise UsageError(f"{what} '{name}' is a file; expected a Hugging Face model folder or a hub id")
         if not (candidate / "config.json").is_file():
             raise UsageError(f"{what} folder '{name}' has no config.json; it is not a Hugging Face model folder")
-    elif looks_like_path(name) or name.count("/") > 1:
+    elif looks_like_path(name):
         raise UsageError(f"{what} folder not found: {name}")

@@ -25,12 +25,17 @@ def find_checkpoint(output: pathlib.Path) -> Optional[pathlib.Path]:
     return None
 
 
+def _foreign(output: pathlib.Path) -> bool:
+    """A folder that is not empty and holds no run.json: not written by spectral-peft."""
+    return any(output.iterdir()) and not (output / RUN_FILE).exists()
+
+
 def check_output(output: pathlib.Path, resume: bool, overwrite: bool) -> Optional[pathlib.Path]:
     """Refuse to clobber: returns the checkpoint to resume from, if any. Creates nothing."""
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file, not a folder")
     if not output.exists() or overwrite:
-        if overwrite and output.exists() and any(output.iterdir()) and not (output / RUN_FILE).exists():
+        if overwrite and output.exists() and _foreign(output):
             raise UsageError(f"--output {output} is not empty and was not written by spectral-peft; "
                              "--overwrite only replaces spectral-peft runs")
         return None
@@ -40,7 +45,7 @@ def check_output(output: pathlib.Path, resume: bool, overwrite: bool) -> Optiona
         raise UsageError(f"--output {output} holds a finished run (metrics.json); use another folder or --overwrite")
     checkpoint = find_checkpoint(output)
     if resume:
-        if checkpoint is None and any(output.iterdir()) and not (output / RUN_FILE).exists():
+        if checkpoint is None and _foreign(output):
             raise UsageError(f"--output {output} is not empty and was not written by spectral-peft")
         return checkpoint
     if any(output.iterdir()):

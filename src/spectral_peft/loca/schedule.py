@@ -109,11 +109,12 @@ class LocaSchedule:
                 self.bounds[name] = default_schedule(cfg.coefficient_steps, cfg.location_steps, total_steps)
             else:
                 self.bounds[name] = (cfg.coefficient_steps, cfg.location_steps, learning_steps)
+            coefficient_steps, location_steps, window = self.bounds[name]
             if self.location_steps(name) == 0 and learning_steps != 0:
                 warnings.warn(
                     f"LoCA adapter '{name}': no optimizer step of this schedule trains locations (coefficient_steps "
-                    f"{self.bounds[name][0]}, location_steps {self.bounds[name][1]}, location_learning_steps "
-                    f"{self.bounds[name][2]}{'' if total_steps is None else f', total_steps {total_steps}'}), so "
+                    f"{coefficient_steps}, location_steps {location_steps}, location_learning_steps "
+                    f"{window}{'' if total_steps is None else f', total_steps {total_steps}'}), so "
                     "every location stays at its random start; give location_learning_steps more than "
                     "coefficient_steps (or None), or set it to 0 to freeze locations on purpose",
                     UserWarning, stacklevel=2,
@@ -128,8 +129,7 @@ class LocaSchedule:
 
     def location_steps(self, adapter_name: Optional[str] = None) -> int:
         """How many optimizer steps of the run train the locations of ``adapter_name`` (default: the first)."""
-        name = adapter_name if adapter_name is not None else next(iter(self.bounds))
-        return location_step_count(*self.bounds[name])
+        return location_step_count(*self._bounds_of(adapter_name))
 
     def check_location_lr(self, location_lr: float) -> Optional[str]:
         """A warning (also returned) when ``location_lr`` times the location steps is under half a cell: with Adam a
@@ -147,8 +147,11 @@ class LocaSchedule:
 
     def phase(self, adapter_name: Optional[str] = None) -> str:
         """The phase of the coming optimizer step: 'coefficients', 'locations' or 'final'."""
-        name = adapter_name if adapter_name is not None else next(iter(self.bounds))
-        return phase_at(self.step_count, *self.bounds[name])
+        return phase_at(self.step_count, *self._bounds_of(adapter_name))
+
+    def _bounds_of(self, adapter_name: Optional[str]) -> tuple:
+        """(coefficient_steps, location_steps, location_learning_steps) of ``adapter_name`` (default: the first)."""
+        return self.bounds[adapter_name if adapter_name is not None else next(iter(self.bounds))]
 
     def step(self) -> None:
         """Account for one optimizer step and set up the next one."""
