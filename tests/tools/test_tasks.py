@@ -153,3 +153,17 @@ def test_a_latin1_text_file_for_language_modelling(capsys, tmp_path):
     with pytest.raises(UsageError, match=r"line 1\); give the file's encoding with --encoding"):
         load_task(str(path))
     assert load_task(str(path), formats={"encoding": "latin-1"}).text.startswith("le café")
+
+
+def test_a_text_file_that_does_not_decode_is_told_as_the_command_lines_check_tells_it(tmp_path):
+    from spectral_peft.tools.tasks import load_task
+    from spectral_peft_cli.inputs import check_decodes
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"plain line\nanother one\nthen caf\xe9 au lait\n" * 3)
+    with pytest.raises(UsageError) as from_check:
+        check_decodes(path, None)
+    with pytest.raises(UsageError) as from_load:
+        load_task(str(path))
+    assert str(from_load.value) == str(from_check.value)
+    assert "byte 31, line 3" in str(from_load.value)

@@ -31,6 +31,7 @@ from spectral_peft_cli.inputs import (
     check_decodes,
     check_fractions,
     check_images,
+    decoding_problem,
     encoding_of,
     image_folder,
     looks_like_path,
@@ -175,8 +176,11 @@ def _given_splits(name: str, rows: list[dict], index: dict, holds: str) -> dict:
 
 
 def _read_text_task(path: pathlib.Path, encoding: Optional[str]) -> Task:
-    check_decodes(path, encoding)
-    text = path.read_text(encoding=encoding_of(encoding))
+    data = path.read_bytes()  # read once: decoded here, its first bad byte told with its line
+    try:
+        text = data.decode(encoding_of(encoding))
+    except UnicodeDecodeError as error:
+        raise UsageError(decoding_problem(path, error, encoding, line=data[: error.start].count(b"\n") + 1)) from None
     if not text.strip():
         raise UsageError(f"{path}: the file is empty")
     return Task(name=str(path), kind=LANGUAGE_MODELING, text=text)
