@@ -100,21 +100,20 @@ def measure(work: Workload, methods: list, n: int, rank: int, repeats: int, warm
     if torch.device(device).type == "cpu":
         memory = {name: [_peak_step_growth_cpu(step)] for name, step in steps.items()}
     # shared frozen weights, counted once per model as a user with one model has them
-    base_bytes = _tensor_bytes(p for n_, p in work.model.named_parameters() if not (work.head and n_.startswith(work.head)))
+    base_bytes = _tensor_bytes(work.frozen_parameters())
     result = {"methods": {}}
     base_step = statistics.median(step_times[BASE])
     for name in names:
+        trainable = [(n_, p) for n_, p in models[name].named_parameters() if p.requires_grad]
+        locations = sum(p.numel() for n_, p in trainable if "loca_locations" in n_)
         entry = {"step_s": _summary(step_times[name]), "overhead_s": statistics.median(step_times[name]) - base_step,
                  # the one parameter count (training.count_parameters): weights; LoCA's locations apart
-                 "trainable": sum(p.numel() for n_, p in models[name].named_parameters()
-                                  if p.requires_grad and "loca_locations" not in n_),
-                 "location_params": sum(p.numel() for n_, p in models[name].named_parameters()
-                                        if p.requires_grad and "loca_locations" in n_)}
+                 "trainable": sum(p.numel() for _, p in trainable) - locations, "location_params": locations}
         # peak = frozen weights + trainable parameters and their two AdamW moments + the step's peak growth
         # (activations kept for backward, gradients, temporaries)
-        trainable = [p for p in models[name].parameters() if p.requires_grad]
         entry["peak_step_growth_bytes"] = max(memory[name])
-        entry["peak_memory_bytes"] = base_bytes + 3 * _tensor_bytes(trainable) + entry["peak_step_growth_bytes"]
+        entry["peak_memory_bytes"] = (base_bytes + 3 * _tensor_bytes(p for _, p in trainable)
+                                      + entry["peak_step_growth_bytes"])
         if REFERENCE in step_times:
             entry["step_paired_ratio"] = paired_ratio(step_times[name], step_times[REFERENCE])
         result["methods"][name] = entry

@@ -25,6 +25,10 @@ class Workload:
     def __init__(self, model, batch: dict, targets: list, head: Optional[str], loss: Callable):
         self.model, self.batch, self.targets, self.head, self.loss = model, batch, targets, head, loss
 
+    def frozen_parameters(self) -> list:
+        """The base model's parameters outside the trainable head."""
+        return [p for name, p in self.model.named_parameters() if not (self.head and name.startswith(self.head))]
+
 
 def _minilm(device, dtype, path: Optional[str] = None, random_weights: bool = False, batch_size: int = 32,
             length: int = 128) -> Workload:
@@ -101,7 +105,7 @@ def build_variant(variant: str, work: Workload, n: int, rank: int):
     if variant != BASE and variant not in _METHOD_OF:
         raise ValueError(f"unknown method {variant!r}; choose from {', '.join((BASE,) + VARIANTS)}")
     base = work.model
-    frozen = {id(p): p for name, p in base.named_parameters() if not (work.head and name.startswith(work.head))}
+    frozen = {id(p): p for p in work.frozen_parameters()}
     model = copy.deepcopy(base, memo=frozen)  # shares frozen weights: a merged adapter would change them all
     for p in model.parameters():
         p.requires_grad_(False)
