@@ -35,7 +35,8 @@ def main() -> None:
     quiet_libraries(args.threads)
     folder = pathlib.Path(args.adapter)
     run = json.loads((folder / "run.json").read_text())
-    task = load_task(run["task"], run["seed"], run["val_fraction"], run["test_fraction"])
+    # the run's own columns and encoding, as evaluate reads them
+    task = load_task(run["task"], run["seed"], run["val_fraction"], run["test_fraction"], run["settings"])
     info = resolve_model(run["model_arg"])
     tokenizer = load_tokenizer(info)
     train = encode_task(task, tokenizer, run["max_length"], run["seed"], run["val_fraction"], run["test_fraction"])["train"]
