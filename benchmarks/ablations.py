@@ -49,7 +49,6 @@ MECHANISMS = (
     ("LoCA's learned locations", "loca", ("loca-frozen", "dct-prior")),
     ("S2FT's reordering", "s2ft", ("s2ft-unordered", "s2ft-random", "fourierft")),
 )
-REFERENCES = ("fourierft", "lora", "full")
 
 
 def write_task(path: pathlib.Path, shots: int, validation: int, test: int, draw_seed: int) -> None:
@@ -121,7 +120,7 @@ def verdict(with_values: list, without_values: list) -> str:
 def report(grid: pathlib.Path, budget: int, seeds: list, tuning: dict, command: str, same_lr: pathlib.Path,
            twins: dict) -> str:
     results = {}
-    for method in SPECTRAL + ("lora", "full"):
+    for method in TUNED:
         for rank in ((1, 8) if method == "lora" else (8,)):
             key = f"lora r{rank}" if method == "lora" else method
             values, params, locations = [], None, 0
@@ -200,7 +199,7 @@ def main() -> None:
     argv = compare(grid, common, TUNED, args.budget, "1,8", args.seeds, tuning["chosen"])
     # tuning on 200 validation answers is noisy: each switched-off twin also runs at its mechanism's own rate
     twins = {off: tuning["chosen"][on] for _, on, offs in MECHANISMS for off in offs
-             if off in SPECTRAL and off != "fourierft" and tuning["chosen"][off] != tuning["chosen"][on]}
+             if off != "fourierft" and tuning["chosen"][off] != tuning["chosen"][on]}
     if twins:
         compare(study / "grid-same-lr", common, list(twins), args.budget, "8", args.seeds, twins)
     command = "python benchmarks/ablations.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
