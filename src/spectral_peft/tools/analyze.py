@@ -40,6 +40,7 @@ from .analyze_report import (
 from .errors import UsageError, first_line
 from .files import write_json, write_text
 from .models import HEAD_NAMES, ModelInfo, check_compatible, head_name, load_base_model, load_processor, resolve_model
+from .settings import target_module_list
 from .tasks import CLASSIFICATION, IMAGE_CLASSIFICATION, LANGUAGE_MODELING, Task, is_classification
 
 
@@ -207,9 +208,7 @@ def _tuned_changes(args: argparse.Namespace, base: _Base) -> dict:
     info = _resolve("--tuned", args.tuned)
     labels = getattr(info.config, "num_labels", None) if is_classification(base.kind) else None
     tuned = load_base_model(info, base.kind, labels, base.tokenizer)
-    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
-    if args.target_modules is not None and not targets:
-        raise UsageError("--target-modules is empty")
+    targets = target_module_list(args.target_modules) if args.target_modules is not None else None
     return tuned_deltas(base.model, tuned, targets, args.tuned)
 
 

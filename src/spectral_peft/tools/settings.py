@@ -26,6 +26,14 @@ TRAINING_KEYS = (
 _OWN_SETTINGS = {key for method in METHODS.values() for key in method.own_settings}
 
 
+def target_module_list(value: str) -> list[str]:
+    """``--target-modules``' comma list as names (blanks dropped); an error when it names none."""
+    targets = [t.strip() for t in value.split(",") if t.strip()]
+    if not targets:
+        raise UsageError("--target-modules is empty")
+    return targets
+
+
 def resolve_settings(args: argparse.Namespace, task: Task, n_train: int, info=None) -> dict:
     """The options as the run uses them (defaults filled in, steps computed): recorded in run.json and checked on
     resume. ``info``: the resolved model (its path stands for a model given by name)."""
@@ -36,10 +44,7 @@ def resolve_settings(args: argparse.Namespace, task: Task, n_train: int, info=No
     settings["lr"] = args.lr if args.lr is not None else method.lr
     settings["scaling"] = args.scaling if args.scaling is not None else method.scaling
     if isinstance(args.target_modules, str):
-        targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-        if not targets:
-            raise UsageError("--target-modules is empty")
-        settings["target_modules"] = targets
+        settings["target_modules"] = target_module_list(args.target_modules)
     steps_per_epoch = math.ceil(math.ceil(n_train / args.batch_size) / args.grad_accum)
     if args.steps is not None:
         steps = args.steps
