@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import arguments, checks
-from .errors import Problems, TrainingError, UsageError
+from .errors import Problems, TrainingError, UsageError, report_error
 
 PROG = "spectral-peft"
 # set in the environment of a compare cell's process: its interruption is reported by compare alone
@@ -130,12 +130,8 @@ def main(argv: Optional[list] = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         return int(args.func(args) or 0)
-    except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+    except (UsageError, TrainingError) as error:
+        return report_error(error)
     except KeyboardInterrupt:
         _interrupted(getattr(args, "command", None))
         return 130

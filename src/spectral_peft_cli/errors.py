@@ -3,6 +3,8 @@ every problem it finds at once."""
 
 from __future__ import annotations
 
+import sys
+
 # a bad input can make one problem per row or image: the message shows this many, then a count of the rest
 SHOWN_PROBLEMS = 20
 
@@ -66,3 +68,10 @@ def first_line(error: BaseException) -> str:
     many lines, and a command's error is one."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def report_error(error: Exception) -> int:
+    """Print a :class:`UsageError` or :class:`TrainingError` as ``spectral-peft: error: ...`` on stderr; returns its
+    exit code (2 for bad input, 1 when training failed)."""
+    print(f"spectral-peft: error: {error}", file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1

@@ -26,7 +26,7 @@ from spectral_peft_cli.checks import parse_grid
 from spectral_peft_cli.commands import CELL_ENV
 
 from .checkpoints import METRICS_FILE
-from .errors import TrainingError, UsageError
+from .errors import TrainingError, UsageError, report_error
 from .evaluation import base_label, main_metric
 from .files import write_json, write_text
 from .methods import METHODS, N_FREQUENCY, RANK
@@ -197,8 +197,7 @@ def _run_cell(namespace: argparse.Namespace, in_process: bool) -> int:
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the table
                 return run_finetune(namespace)
         except (UsageError, TrainingError) as error:
-            print(f"spectral-peft: error: {error}", file=sys.stderr)
-            return 2 if isinstance(error, UsageError) else 1
+            return report_error(error)
     argv = [sys.executable, "-m", "spectral_peft_cli", *cell_argv(namespace)]
     print("  " + " ".join(shlex.quote(a) for a in argv[1:]), file=sys.stderr)
     try:  # the cell's stdout goes to stderr: stdout carries only the table

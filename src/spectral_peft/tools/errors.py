@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from spectral_peft_cli.errors import Problems, TrainingError, UsageError, first_line
+from spectral_peft_cli.errors import Problems, TrainingError, UsageError, first_line, report_error
 
-__all__ = ["Problems", "TrainingError", "UsageError", "first_line"]
+__all__ = ["Problems", "TrainingError", "UsageError", "first_line", "report_error"]
