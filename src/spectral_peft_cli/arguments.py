@@ -20,6 +20,11 @@ DEFAULT_RANK = 8
 DEFAULT_HEAD_LR = 5e-3
 DEFAULT_LOCATION_LR = 0.1
 DEFAULT_EPOCHS = 3.0
+# S2FTConfig's priors, warm-up optimizers and transforms, which this light module cannot import (torch); a test keeps
+# them equal
+S2FT_PRIORS = ("gradient", "lora")
+S2FT_PRIOR_OPTIMIZERS = ("sgd", "adam")
+S2FT_TRANSFORMS = ("dct", "dft")
 COMPARE_DEFAULT_METHODS = ("loca", "s2ft", "lora", "fourierft")
 # compare's own options (add_compare_arguments' "grid" group); its other options are finetune's, passed to each cell
 COMPARE_GRID_OPTIONS = ("methods", "budgets", "ranks", "seeds", "output", "in_process")
@@ -129,15 +134,15 @@ def _add_method_arguments(method, grid: bool) -> None:
     method.add_argument("--location-learning-steps", type=int, default=None,
                         help="LoCA: steps during which locations may move, B_s (default 10%% of the steps but at "
                              "least one full cycle, shrunk to half the run in a short one; 0 freezes the locations)")
-    method.add_argument("--s2ft-prior", choices=("gradient", "lora"), default=None,
+    method.add_argument("--s2ft-prior", choices=S2FT_PRIORS, default=None,
                         help="S2FT: prior weight change (default S2FTConfig's: lora, a short LoRA warm-up; gradient "
                              "is cheaper)")
-    method.add_argument("--s2ft-prior-optimizer", choices=("sgd", "adam"), default=None,
+    method.add_argument("--s2ft-prior-optimizer", choices=S2FT_PRIOR_OPTIMIZERS, default=None,
                         help="S2FT: optimizer of the LoRA warm-up prior (default S2FTConfig's: sgd, whose prior "
                              "follows the gradient; adam ordered a real MiniLM change better, docs/s2ft.md)")
     method.add_argument("--prior-batches", type=int, default=8,
                         help="S2FT: training batches for the prior (default 8)")
-    method.add_argument("--s2ft-transform", choices=("dct", "dft"), default="dct", help="S2FT: transform (default dct)")
+    method.add_argument("--s2ft-transform", choices=S2FT_TRANSFORMS, default="dct", help="S2FT: transform (default dct)")
 
 
 def _add_loop_arguments(train) -> None:

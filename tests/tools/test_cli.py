@@ -92,3 +92,12 @@ def test_version(capsys):
         main(["--version"])
     assert exit.value.code == 0
     assert capsys.readouterr().out == f"spectral-peft {__version__}\n"
+
+
+def test_the_front_ends_s2ft_choices_are_the_librarys():
+    from spectral_peft.s2ft.config import PRIOR_OPTIMIZERS, PRIORS
+    from spectral_peft.spectral import TRANSFORMS
+    from spectral_peft_cli import arguments
+
+    assert arguments.S2FT_PRIORS == PRIORS and arguments.S2FT_PRIOR_OPTIMIZERS == PRIOR_OPTIMIZERS
+    assert arguments.S2FT_TRANSFORMS == tuple(TRANSFORMS)
