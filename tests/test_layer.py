@@ -7,6 +7,7 @@ import torch
 from peft import get_peft_model
 
 from spectral_peft import FastFourierFTConfig, LocaConfig
+from spectral_peft import layer as layer_module
 from spectral_peft.layer import SpectralLinear
 
 from .conftest import build_bert, build_gpt2, make_input_ids
@@ -130,3 +131,28 @@ def test_an_unknown_spectral_path_is_refused_with_the_module_named():
     layer.spectral_path = "sparse"
     with pytest.raises(ValueError, match=r"query.*spectral_path.*'sparse'"):
         model(input_ids=make_input_ids(batch=1, seq_len=4))
+
+
+@pytest.mark.parametrize("build", [build_bert, build_gpt2], ids=["linear", "conv1d"])
+def test_only_frozen_layers_compute_their_product_with_the_update(build, monkeypatch):
+    # a frozen layer's product is computed inside the update's Function (backward then makes one input gradient);
+    # a trainable base weight keeps its product outside it, where autograd gives the weight its gradient
+    model = adapted(build, "loca", torch.float64)
+    ids = make_input_ids(batch=2, seq_len=8)
+    fused = []
+    real = layer_module.linear_with_delta
+    monkeypatch.setattr(layer_module, "linear_with_delta", lambda *args: fused.append(args[2]) or real(*args))
+    frozen, frozen_grads = run(model, "activation", ids)
+    assert len(fused) == len(layers(model))
+    fused.clear()
+    base = layers(model)[0].get_base_layer()
+    base.weight.requires_grad_(True)
+    trainable, trainable_grads = run(model, "activation", ids)
+    assert len(fused) == len(layers(model)) - 1
+    weight_grad = base.weight.grad.clone()
+    run(model, "dense", ids)  # autograd through W + dW: the weight's gradient for reference
+    assert weight_grad.abs().max() > 0
+    torch.testing.assert_close(weight_grad, base.weight.grad, atol=1e-9 * float(weight_grad.abs().max()), rtol=0)
+    torch.testing.assert_close(trainable, frozen, atol=1e-12, rtol=0)
+    for name, grad in frozen_grads.items():
+        torch.testing.assert_close(trainable_grads[name], grad, atol=1e-9 * float(grad.abs().max()), rtol=0)

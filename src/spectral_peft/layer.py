@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .spectral import (
     DELTA_PRODUCTS, TRANSFORMS, PlacementCache, Spectrum, Workspace, apply_delta, check_cells, check_permutation,
-    choose_path, delta_weight,
+    choose_path, delta_weight, linear_with_delta,
 )
 from .transforms import COMPUTE_DTYPES
 
@@ -231,12 +231,21 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         # activation path adds into in place, and for a float32/64 model the dense updates join the frozen weight,
         # which saves two of the three matmuls a separate dense product costs in training.
         base = self.get_base_layer()
-        weight = transpose(base.weight, self.fan_in_fan_out)
+        # a view of the weight, frozen as it is (PEFT's transpose would wrap a Conv1D's in a new, trainable Parameter,
+        # and autograd would then compute a weight gradient for nothing on every step)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
         if foldable:
             for spec in (spec for spec, path in zip(specs, paths) if path == "dense"):
                 weight = weight + delta_weight(spec).to(weight.dtype)
-        result = F.linear(x.reshape(-1, self.in_features), weight, base.bias)
+        # The first update through the activations computes the frozen product too, so that backward adds its input
+        # gradient into the frozen product's (a frozen float32/64 layer: the foldable ones).
+        fused = next((spec for spec, path in zip(specs, paths) if path == "activation"), None) if (
+            foldable and not weight.requires_grad and not (base.bias is not None and base.bias.requires_grad)) else None
+        result = (F.linear(x.reshape(-1, self.in_features), weight, base.bias) if fused is None
+                  else linear_with_delta(x, fused, weight, base.bias))
         for spec, path in zip(specs, paths):
+            if spec is fused:
+                continue
             if path == "activation":
                 result = apply_delta(x, spec, out=result)
             elif path == "factored" or not foldable:

@@ -43,7 +43,7 @@ def test_blocks_hold_a_fixed_number_of_elements_but_never_fewer_than_the_floor_o
 
 @pytest.mark.parametrize("transform", ["dct", "dft"])
 @pytest.mark.parametrize("orders", [False, True])
-@pytest.mark.parametrize("into_output", [False, True])
+@pytest.mark.parametrize("into_output", [False, True, "frozen"])
 def test_many_row_blocks_match_reference_with_every_gradient(transform, orders, into_output, monkeypatch):
     # blocks of 16 rows, 50 tokens: three full blocks and a short one, in every pass
     monkeypatch.setattr(activation, "_BLOCK_ELEMENTS", 1)
@@ -53,7 +53,10 @@ def test_many_row_blocks_match_reference_with_every_gradient(transform, orders, 
                      seed=3)
     x = torch.randn(50, 9, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 9, dtype=torch.float64)
-    y = apply_delta(x, spec, out=x @ w.T) if into_output else apply_delta(x, spec)
+    if into_output == "frozen":  # the frozen product computed with the update, one input gradient in backward
+        y = activation.linear_with_delta(x, spec, w, None)
+    else:
+        y = apply_delta(x, spec, out=x @ w.T) if into_output else apply_delta(x, spec)
     (y.sin().sum()).backward()
     with torch.no_grad():
         inferred = apply_delta(x, spec)
@@ -84,9 +87,9 @@ def test_layers_reading_one_input_share_its_spectrum_and_match_reference(transfo
         spec.workspace = workspace
     x = torch.randn(4, 5, 10, dtype=torch.float64, requires_grad=True)
     calls = []
-    real = activation.half_spectrum
-    monkeypatch.setattr(activation, "half_spectrum",
-                        lambda t, *args, **kwargs: calls.append(t.shape[-1]) or real(t, *args, **kwargs))
+    for name in ("half_spectrum", "kept_half_spectrum"):  # a block's transform, and a whole batch's kept one
+        real = getattr(activation, name)
+        monkeypatch.setattr(activation, name, lambda t, *args, real=real: calls.append(t.shape[-1]) or real(t, *args))
     ys = [apply_delta(x, spec) for spec in specs]
     assert calls == [10]  # the input, once; no output is transformed in forward
     loss = sum(((y - 0.3) ** 2).sum() for y in ys)
@@ -178,3 +181,23 @@ def test_apply_delta_refuses_an_output_it_cannot_add_into():
         apply_delta(x, spec, out=torch.zeros(2, 3, 7))  # not (tokens, M)
     with pytest.raises(ValueError, match="apply_delta: out must be"):
         apply_delta(x, spec, out=torch.zeros(12, 7)[::2])  # a view
+
+
+def test_linear_with_delta_adds_the_bias_and_refuses_a_product_it_cannot_own():
+    spec = make_spec(7, 9, n_coef=8, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(7, 9, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    y = activation.linear_with_delta(x, spec, w, b)
+    y.sin().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    coefficients = spec.coefficients.detach().clone().requires_grad_(True)
+    y_ref = F.linear(x_ref.reshape(-1, 9), w + ref_of(spec, coefficients), b)
+    y_ref.sin().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
+    # its backward gives no weight or bias gradient: a trainable one, or another dtype, is refused
+    for weight, bias, inputs in ((w.clone().requires_grad_(True), b, x), (w, b.clone().requires_grad_(True), x),
+                                 (w.float(), b.float(), x.float().to(torch.bfloat16))):
+        with pytest.raises(ValueError, match="linear_with_delta: weight and bias must be frozen"):
+            activation.linear_with_delta(inputs, spec, weight, bias)

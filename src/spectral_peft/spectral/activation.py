@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..transforms import makhoul_reorder
 from .cache import Scratch, placement_of, workspace_of
@@ -46,118 +47,94 @@ def _times_transposed(q: torch.Tensor, dense: torch.Tensor, scratch: Scratch) ->
 # --------------------------------------------------------------------------------------------------------------
 # feature reorders around the FFTs
 
-Reorder = Callable[..., torch.Tensor]  # (x, out=None) -> x reordered along its last axis (into out if given)
+
+def select_features(x: torch.Tensor, index: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x[:, index]`` (x itself for no index), into ``out`` if given. ``index_select`` along the features reads x
+    row by row and is about twice as fast as ``gather`` or ``scatter_`` with a broadcast index."""
+    if index is None:
+        return x if out is None else out.copy_(x)
+    return torch.index_select(x, 1, index, out=out) if out is not None else x.index_select(1, index)
 
 
-def _identity(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return x if out is None else out.copy_(x)
-
-
-def _gather(order: torch.Tensor) -> Reorder:
-    # torch.gather with the order broadcast over the rows: one pass, faster than index_select along the last axis
-    return lambda x, out=None: torch.gather(x, -1, order.expand(x.shape), out=out)
-
-
-Adder = Callable[[torch.Tensor, torch.Tensor, Scratch], None]  # (target, t, scratch): target += t reordered
-
-
-def _add(target: torch.Tensor, t: torch.Tensor, scratch: Scratch) -> None:
-    target.add_(t)
-
-
-def _scatter_add(order: torch.Tensor) -> Adder:
-    """``target[..., order[j]] += t[..., j]`` in place."""
-    return lambda target, t, scratch: target.scatter_add_(-1, order.expand(t.shape), t)
-
-
-# An arbitrary order (S2FT's) read from a tensor in memory defeats the hardware's prefetching, which Makhoul's two
-# strided streams do not: so with S2FT's orders a layer's input and output gradient are read in sequence and
-# scattered into a block in cache, and the output is added to in sequence from a gather of the block.
-
-
-def _scatter(inverse: torch.Tensor) -> Reorder:
-    """``out[..., inverse[i]] = x[..., i]``: the reorder ``_gather(order)`` with x read in sequence."""
-    return lambda x, out=None: (torch.empty_like(x) if out is None else out).scatter_(-1, inverse.expand(x.shape), x)
-
-
-def _gather_add(inverse: torch.Tensor) -> Adder:
-    """``target[..., i] += t[..., inverse[i]]`` in place: ``_scatter_add(order)`` with target written in sequence."""
-    def add(target: torch.Tensor, t: torch.Tensor, scratch: Scratch) -> None:
-        reordered = scratch("reordered back", t.shape[0], t.shape[1], t.dtype)
-        target.add_(torch.gather(t, -1, inverse.expand(t.shape), out=reordered))
-    return add
-
-
-def _makhoul_orders(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Makhoul's reorder as indices, and its inverse."""
-    order = makhoul_reorder(torch.arange(size, device=device))
-    return order, inverse_order(order)
+def _makhoul_order(size: int, device: torch.device) -> torch.Tensor:
+    """Makhoul's reorder as indices."""
+    return makhoul_reorder(torch.arange(size, device=device))
 
 
 @dataclass
-class Gathers:
-    """Feature reorders around the FFTs, along the last axis: each composes a method's ordering (S2FT) with the
-    transform's own (Makhoul's for the DCT, none for the DFT). Kept with the :class:`~.cache.Placement`."""
+class Reorders:
+    """Feature orders around the FFTs, as indices into the last axis (None: none): each composes a method's
+    ordering (S2FT) with the transform's own (Makhoul's for the DCT, none for the DFT). Kept with the
+    :class:`~.cache.Placement`."""
 
-    col_gather: Reorder  # x -> the rfft's input
-    col_scatter: Reorder  # its inverse
-    row_gather: Reorder  # the irfft's output -> y
-    row_scatter: Reorder  # its inverse
-    row_add: Adder  # (target, irfft's output, scratch): target += row_gather(output)
+    col: Optional[torch.Tensor]  # x[:, col] is the rfft's input
+    col_inverse: Optional[torch.Tensor]  # the input gradient from the irfft's output
+    row: Optional[torch.Tensor]  # grad_y[:, row] is the rfft's input in backward
+    row_inverse: Optional[torch.Tensor]  # y from the irfft's output
 
 
-def _build_gathers(spec: Spectrum, device: torch.device) -> Gathers:
-    def reorders(order: Optional[torch.Tensor], size: int) -> tuple[Reorder, Reorder, Adder]:
-        """(before the rfft, its inverse, adding the inverse into a target) for a method's ``order``."""
+def _build_reorders(spec: Spectrum, device: torch.device) -> Reorders:
+    def order_and_inverse(order: Optional[torch.Tensor], size: int):
         if order is None and spec.transform == "dft":
-            return _identity, _identity, _add
+            return None, None
         if order is None:
-            order, inverse = _makhoul_orders(size, device)
-            return _gather(order), _gather(inverse), _scatter_add(order)
-        order = order.to(device)
-        if spec.transform == "dct":  # the ordering first, then Makhoul's
-            order = order[_makhoul_orders(size, device)[0]]
-        inverse = inverse_order(order)
-        return _scatter(inverse), _gather(inverse), _gather_add(inverse)
+            order = _makhoul_order(size, device)
+        else:
+            order = order.to(device)
+            if spec.transform == "dct":  # the ordering first, then Makhoul's
+                order = order[_makhoul_order(size, device)]
+        return order, inverse_order(order)
 
-    col_gather, col_scatter, _ = reorders(spec.col_order, spec.in_features)
-    # rows run the other way: the irfft's output goes back through the inverse (the output gradient forwards)
-    row_scatter, row_gather, row_add = reorders(spec.row_order, spec.out_features)
-    return Gathers(col_gather, col_scatter, row_gather, row_scatter, row_add)
+    return Reorders(*order_and_inverse(spec.col_order, spec.in_features),
+                    *order_and_inverse(spec.row_order, spec.out_features))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # half spectra of activations
 
 
-def half_spectrum(x: torch.Tensor, reorder: Reorder, scratch: Scratch, keep: bool = False) -> torch.Tensor:
-    """(T, N) features -> (T, 2 Nh) real and imaginary parts of the rfft of the reordered features (by blocks of
-    rows, so the reordered copy never leaves the cache). The result is a scratch buffer, valid until that buffer's
-    next use, or with ``keep`` a tensor of its own (a whole batch kept for backward)."""
-    shape, dtype = (x.shape[0], x.shape[1] // 2 + 1), x.dtype.to_complex()
-    spectrum = torch.empty(shape, dtype=dtype, device=x.device) if keep else scratch("spectrum", *shape, dtype)
+def half_spectrum(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> torch.Tensor:
+    """(T, N) features of one block of rows -> (T, 2 Nh) real and imaginary parts of the rfft of ``x[:, index]``.
+    The reordered copy is a scratch buffer that stays in cache; the rfft writes a tensor of its own (an ``out=``
+    FFT computes into a temporary and copies it)."""
+    reordered = x if index is None else select_features(
+        x, index, out=scratch("reordered", x.shape[0], x.shape[1], x.dtype))
+    return torch.view_as_real(torch.fft.rfft(reordered, dim=-1)).reshape(x.shape[0], -1)
+
+
+def kept_half_spectrum(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> torch.Tensor:
+    """:func:`half_spectrum` of a whole batch, a block of rows at a time (so the reordered copy never leaves the
+    cache), into one tensor kept for backward."""
+    spectrum = torch.empty(x.shape[0], x.shape[1] // 2 + 1, dtype=x.dtype.to_complex(), device=x.device)
     for rows in row_blocks(x.shape[0], x.shape[1], x.device):
-        reordered = x[rows] if reorder is _identity else reorder(
-            x[rows], out=scratch("reordered", rows.stop - rows.start, x.shape[1], x.dtype))
+        reordered = x[rows] if index is None else select_features(
+            x[rows], index, out=scratch("reordered", rows.stop - rows.start, x.shape[1], x.dtype))
         torch.fft.rfft(reordered, dim=-1, out=spectrum[rows])
     return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
 
 
-def _irfft_half(half: torch.Tensor, size: int, scratch: Scratch) -> torch.Tensor:
-    """(T, 2 Mh) real and imaginary parts of a half spectrum -> (T, M) by the inverse real FFT, into scratch."""
-    out = scratch("features", half.shape[0], size, half.dtype)
-    return torch.fft.irfft(torch.view_as_complex(half.reshape(half.shape[0], -1, 2)), n=size, dim=-1, out=out)
+def _irfft_half(half: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, 2 Mh) real and imaginary parts of a half spectrum -> (T, M) by the inverse real FFT."""
+    return torch.fft.irfft(torch.view_as_complex(half.reshape(half.shape[0], -1, 2)), n=size, dim=-1)
+
+
+def _add_selected(target: torch.Tensor, t: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> None:
+    """``target += t[:, index]`` in place, through a reordered copy in cache."""
+    target.add_(t if index is None else select_features(
+        t, index, out=scratch("reordered back", t.shape[0], t.shape[1], t.dtype)))
 
 
 @dataclass
 class _Call:
     """What a layer call passes its product besides tensors: the tensor the layer was called with (hidden from
     autograd: the shared input spectrum lives while it does), whether gradients are on (autograd runs a Function's
-    forward without them, and without saying so), and the reorders."""
+    forward without them, and without saying so), the reorders, and the frozen (weight, bias) whose product the
+    update is added into, if the Function computes that product too."""
 
     anchor: torch.Tensor
     grad_enabled: bool
-    gathers: Gathers
+    reorders: Reorders
+    frozen: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
 
 class _SpectralActivationProduct(torch.autograd.Function):
@@ -167,7 +144,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
     def forward(ctx, x, coefficients, locations, spec: Spectrum, call: _Call, out):
         m, n = spec.out_features, spec.in_features
         structure = placement_of(spec).get(("structure", x.dtype), lambda: Structure(spec, x.dtype))
-        gathers, workspace = call.gathers, workspace_of(spec)
+        reorders, workspace = call.reorders, workspace_of(spec)
         _, factor, pair = structure.entries
         values = factor * coefficients.detach().to(x.dtype)[pair] * spec.scaling
         q = structure.pattern.matrix(values)  # half_out = half_in @ Q^T
@@ -180,25 +157,26 @@ class _SpectralActivationProduct(torch.autograd.Function):
         half_in = kept = columns = None
         if shared:
             half_in = workspace.shared_spectrum(call.anchor, (spec.transform, n, x.dtype),
-                                                lambda: half_spectrum(x, gathers.col_gather, scratch, keep=True))
+                                                lambda: kept_half_spectrum(x, reorders.col, scratch))
         elif call.grad_enabled:
             stencil = structure.stencil(spec)  # the cells' own (S2FT has no locations): kept with the structure
             columns = stencil.columns if stencil is not None else structure.entries[0][:0]
             kept = x.new_empty(x.shape[0], columns.numel())
-        result = x.new_empty(x.shape[0], m) if out is None else out
+        into = out if out is not None or call.frozen is None else F.linear(x, *call.frozen)
+        result = x.new_empty(x.shape[0], m) if into is None else into
         for rows in row_blocks(x.shape[0], max(m, n), x.device):
-            block = half_in[rows] if shared else half_spectrum(x[rows], gathers.col_gather, scratch)
+            block = half_in[rows] if shared else half_spectrum(x[rows], reorders.col, scratch)
             if kept is not None:
                 torch.index_select(block, 1, columns, out=kept[rows])
-            features = _irfft_half(_times_transposed(q, block, scratch), m, scratch)
-            if out is None:
-                gathers.row_gather(features, out=result[rows])
+            features = _irfft_half(_times_transposed(q, block, scratch), m)
+            if into is None:
+                select_features(features, reorders.row_inverse, out=result[rows])
             else:  # added into the base layer's output where it lies: no (T, M) copy for the reorder nor the sum
-                gathers.row_add(result[rows], features.to(out.dtype), scratch)
+                _add_selected(result[rows], features.to(into.dtype), reorders.row_inverse, scratch)
         if call.grad_enabled:
             ctx.save_for_backward(half_in if shared else kept)
-        ctx.spec, ctx.gathers, ctx.structure, ctx.values = spec, gathers, structure, values
-        ctx.kept_columns = not shared
+        ctx.spec, ctx.reorders, ctx.structure, ctx.values = spec, reorders, structure, values
+        ctx.kept_columns, ctx.frozen_weight = not shared, None if call.frozen is None else call.frozen[0]
         if out is not None:
             ctx.mark_dirty(out)
         return result
@@ -206,7 +184,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (half_in,) = ctx.saved_tensors
-        spec, gathers, structure = ctx.spec, ctx.gathers, ctx.structure
+        spec, reorders, structure = ctx.spec, ctx.reorders, ctx.structure
         stencil = structure.stencil(spec)  # a location phase's is built here, not held since forward
         m, n = spec.out_features, spec.in_features
         grad_y = grad_y.reshape(-1, m)
@@ -214,14 +192,19 @@ class _SpectralActivationProduct(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             pattern, weight = structure.adjoint(spec)
             adjoint = pattern.matrix(ctx.values * weight)
-            grad_x = half_in.new_empty(grad_y.shape[0], n)
+            # with the frozen product, its input gradient is the tensor the update's is added into
+            frozen = ctx.frozen_weight
+            grad_x = half_in.new_empty(grad_y.shape[0], n) if frozen is None else grad_y.mm(frozen)
         dots, scratch = None, workspace_of(spec).scratch(half_in.device)
         for rows in row_blocks(grad_y.shape[0], max(m, n), half_in.device):
             # (rows, 2 Mh)
-            raw_grad_half_out = half_spectrum(grad_y[rows].to(half_in.dtype), gathers.row_scatter, scratch)
+            raw_grad_half_out = half_spectrum(grad_y[rows].to(half_in.dtype), reorders.row, scratch)
             if grad_x is not None:
-                features = _irfft_half(_times_transposed(adjoint, raw_grad_half_out, scratch), n, scratch)
-                gathers.col_scatter(features, out=grad_x[rows])
+                features = _irfft_half(_times_transposed(adjoint, raw_grad_half_out, scratch), n)
+                if ctx.frozen_weight is None:
+                    select_features(features, reorders.col_inverse, out=grad_x[rows])
+                else:
+                    _add_selected(grad_x[rows], features, reorders.col_inverse, scratch)
             if stencil is not None:  # K = dL/dS at the stencil points, summed over the blocks
                 block = stencil.sampled_dots(raw_grad_half_out, half_in[rows], ctx.kept_columns)
                 dots = block if dots is None else dots.add_(block)
@@ -244,9 +227,25 @@ def apply_delta(x: torch.Tensor, spec: Spectrum, out: Optional[torch.Tensor] = N
                          "that is not a view")
     if x.numel() == 0:  # an empty batch (torch's FFTs refuse empty input)
         return x.new_zeros(*lead, spec.out_features) if out is None else out
+    y = _apply(x, spec, out, None)
+    return out if out is not None else y.reshape(*lead, spec.out_features).to(x.dtype)
+
+
+def linear_with_delta(x: torch.Tensor, spec: Spectrum, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """``F.linear(x, weight, bias) + x @ dW^T`` as a (tokens, M) tensor, with the update added into the frozen
+    product in place and, in backward, the update's input gradient added into the frozen product's: one (tokens, N)
+    gradient and no sum of two. ``weight`` and ``bias`` must be frozen, and x of their float32/64 dtype."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != weight.dtype or \
+            x.dtype != compute_dtype(x.dtype):
+        raise ValueError("linear_with_delta: weight and bias must be frozen and x float32/64 of weight's dtype")
+    if x.numel() == 0:
+        return F.linear(x.reshape(-1, spec.in_features), weight, bias)
+    return _apply(x, spec, None, (weight, bias))
+
+
+def _apply(x: torch.Tensor, spec: Spectrum, out: Optional[torch.Tensor], frozen) -> torch.Tensor:
     work = x.reshape(-1, spec.in_features).to(compute_dtype(x.dtype))
     coefficients = spec.coefficients.to(work.dtype) if spec.coefficients.dtype != work.dtype else spec.coefficients
-    gathers = placement_of(spec).get(("gathers", x.device), lambda: _build_gathers(spec, x.device))
-    y = _SpectralActivationProduct.apply(work, coefficients, spec.locations, spec,
-                                         _Call(x, torch.is_grad_enabled(), gathers), out)
-    return out if out is not None else y.reshape(*lead, spec.out_features).to(x.dtype)
+    reorders = placement_of(spec).get(("reorders", x.device), lambda: _build_reorders(spec, x.device))
+    return _SpectralActivationProduct.apply(work, coefficients, spec.locations, spec,
+                                            _Call(x, torch.is_grad_enabled(), reorders, frozen), out)

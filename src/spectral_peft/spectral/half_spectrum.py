@@ -135,8 +135,10 @@ class Stencil:
 
     def sampled_dots(self, left: torch.Tensor, right: torch.Tensor, right_is_columns: bool) -> torch.Tensor:
         """The sampled dots of one block of rows (``right`` already reduced to ``columns`` or not)."""
-        right = right if right_is_columns else right.index_select(1, self.columns)
-        return torch.sparse.sampled_addmm(self.compact, left.index_select(1, self.used_rows).t(), right,
+        # the kernel takes its left operand row-major and its right one column-major: selecting from the transposed
+        # blocks writes them so in one pass, where it would copy row-major selections once more
+        right = right if right_is_columns else torch.index_select(right.t(), 0, self.columns).t()
+        return torch.sparse.sampled_addmm(self.compact, torch.index_select(left.t(), 0, self.used_rows), right,
                                           beta=0.0).values()
 
     def spectral_grad(self, dots: torch.Tensor, scaling: float) -> torch.Tensor:
