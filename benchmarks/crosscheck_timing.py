@@ -8,7 +8,8 @@ Only public APIs (transformers, stock PEFT, the package's configs and ``prepare_
 - one round times a training step and an unmerged inference pass (``torch.inference_mode``) of every method;
 - the inputs are new random tokens in every round.
 
-Usage: ``python benchmarks/crosscheck_timing.py --rounds 10`` (about 10 minutes on a 2-core CPU).
+Usage: ``python benchmarks/crosscheck_timing.py --rounds 10 [--hidden 1024]`` (about 10 minutes on a 2-core CPU at
+the default width 2048).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from spectral_peft import FastFourierFTConfig, LocaConfig, S2FTConfig, prepare_s2ft
 
+INTERMEDIATE = {2048: 5632, 1024: 2816}  # the MLP's width for each model width, as in `spectral-peft bench`
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -54,11 +56,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hidden", type=int, choices=sorted(INTERMEDIATE), default=2048,
+                        help="the model's width: 2048 (TinyLlama's) or 1024 (the narrower Llama-style shape)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=16,
-                         num_key_value_heads=16, vocab_size=1000, max_position_embeddings=512)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=INTERMEDIATE[args.hidden], num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=1000, max_position_embeddings=512)
     base = LlamaForCausalLM(config).eval()
     for p in base.parameters():
         p.requires_grad_(False)

@@ -5,10 +5,13 @@
 
 For each (out x in) shape, one layer trains a step (forward, backward) on ``--tokens`` rows for each method, the
 frozen layer alone alongside (interleaved, median of the rounds): the method's own cost is its step minus the frozen
-layer's. Then torch's profiler records ``--profiled`` steps of each method, and the table lists the operations
-by their own CPU time per step, with their calls per step: ``aten::copy_`` counts copies, ``aten::empty`` fresh
-allocations, and the rows named after our autograd Functions the Python between the operations. The profiler adds
-its own cost to every call, so read its rows against each other, not against the timed steps.
+layer's. Then the activation path's floor: each of its operations timed alone, on operands of one block of rows
+(n = 1000 DCT cells), times the calls a training step makes (what the path costs without the Python, allocations and
+cache misses between its operations). Then torch's profiler records ``--profiled`` steps of each method, and the
+table lists the operations by their own CPU time per step, with their calls per step: ``aten::copy_`` counts
+copies, ``aten::empty`` fresh allocations, and the rows named after our autograd Functions the Python between the
+operations. The profiler adds its own cost to every call, so read its rows against each other, not against the
+timed steps.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ from peft import LoraConfig, get_peft_model
 from torch.profiler import ProfilerActivity, profile
 
 import spectral_peft
+from spectral_peft.spectral import Spectrum, random_cells
+from spectral_peft.spectral.activation import _add_selected, _irfft_half, _times_transposed, row_blocks
+from spectral_peft.spectral.cache import Scratch
+from spectral_peft.spectral.half_spectrum import Structure
 from spectral_peft.tools.bench import interleaved
+from spectral_peft.transforms import makhoul_order
 
 CONFIGS = {
     "lora": lambda: LoraConfig(r=8, lora_alpha=8, target_modules=["proj"]),
@@ -73,6 +81,43 @@ def profile_ops(step, steps: int) -> dict:
     return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
 
 
+def floor_ms(shape: tuple[int, int], tokens: int, rounds: int) -> dict:
+    """Operation -> ms per training step of the activation path on an (out x in) layer, each operation timed alone
+    (median of ``rounds`` calls on one block's operands) times its calls per step (one per block of rows). The layer
+    transforms its own input, as the first of the layers that share one does."""
+    m, n = shape
+    cpu = torch.device("cpu")
+    spec = Spectrum(torch.randn(1000), random_cells(shape, 1000, torch.Generator().manual_seed(0)), m, n, 1.0)
+    structure = Structure(spec, torch.float32)
+    q = structure.pattern.matrix(structure.entries[1])
+    pattern, weight = structure.adjoint(spec)
+    adjoint, stencil = pattern.matrix(structure.entries[1] * weight), structure.stencil(spec)
+    blocks = row_blocks(tokens, max(m, n), cpu)
+    rows, scratch = blocks[0].stop - blocks[0].start, Scratch(cpu)
+    x, grad_y, y, grad_x = torch.randn(rows, n), torch.randn(rows, m), torch.randn(rows, m), torch.randn(rows, n)
+    col, row = makhoul_order(n), makhoul_order(m)
+    half_in = torch.view_as_real(torch.fft.rfft(x)).reshape(rows, -1)
+    half_out = torch.view_as_real(torch.fft.rfft(grad_y)).reshape(rows, -1)
+    product = _times_transposed(q, half_in, scratch).clone()
+    adjoint_product = _times_transposed(adjoint, half_out, scratch).clone()
+    features_out, features_in = _irfft_half(product, m), _irfft_half(adjoint_product, n)
+    operations = {
+        "forward: reorder the input": lambda: x.index_select(1, col),
+        "forward: rfft of the input": lambda: torch.fft.rfft(x),
+        "forward: sparse product": lambda: _times_transposed(q, half_in, scratch),
+        "forward: irfft": lambda: _irfft_half(product, m),
+        "forward: reorder and add into the output": lambda: _add_selected(y, features_out, row, scratch),
+        "backward: reorder the output gradient": lambda: grad_y.index_select(1, row),
+        "backward: rfft of the output gradient": lambda: torch.fft.rfft(grad_y),
+        "backward: sparse product (adjoint)": lambda: _times_transposed(adjoint, half_out, scratch),
+        "backward: irfft": lambda: _irfft_half(adjoint_product, n),
+        "backward: reorder and add into the input gradient": lambda: _add_selected(grad_x, features_in, col, scratch),
+        "backward: sampled dots (coefficient gradients)": lambda: stencil.sampled_dots(half_out, half_in, False),
+    }
+    times = interleaved(operations, rounds, 3, "cpu")
+    return {name: statistics.median(values) * 1e3 * len(blocks) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["1024x1024", "2816x1024", "1024x2816", "384x384"])
@@ -100,6 +145,13 @@ def main() -> None:
         print(f"\n## {text} (out x in), {args.tokens} tokens, {args.threads} threads, path {args.path}\n")
         print(f"frozen layer's step {frozen:.2f} ms; each method's own cost: "
               + ", ".join(f"{name} {value:.2f} ms ({value / own[args.methods[0]]:.2f}x)" for name, value in own.items()))
+        floor = floor_ms(shape, args.tokens, 50)
+        blocks = len(row_blocks(args.tokens, max(shape), torch.device("cpu")))
+        print(f"\nthe activation path's floor ({blocks} blocks of rows; each operation timed alone)\n")
+        print("| operation | ms per step |\n|---|---|")
+        for name, ms in floor.items():
+            print(f"| {name} | {ms:.3f} |")
+        print(f"| all of them | {sum(floor.values()):.2f} |")
         for name in args.methods:
             print(f"\n{name}: operations by own CPU time per step (profiled)\n")
             print("| operation | ms per step | calls per step |\n|---|---|---|")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -27,53 +27,64 @@ def dct_scale(n: int) -> torch.Tensor:
     return scale
 
 
-def makhoul_reorder(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Makhoul's reorder of the last axis, whose real FFT gives the DCT-II: the even samples, then the odd ones
-    reversed; by two strided copies (faster than ``index_select``), into ``out`` if given."""
-    half = (x.shape[-1] + 1) // 2
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    out[..., :half] = x[..., 0::2]
-    out[..., half:] = x[..., 1::2].flip(-1)
-    return out
+def makhoul_order(n: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Makhoul's order of n samples, whose real FFT gives the DCT-II: the even samples, then the odd ones reversed."""
+    return torch.cat([torch.arange(0, n, 2, device=device), torch.arange(1, n, 2, device=device).flip(0)])
 
 
-def makhoul_restore(v: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`makhoul_reorder`."""
-    half = (v.shape[-1] + 1) // 2
-    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    out[..., 0::2] = v[..., :half]
-    out[..., 1::2] = v[..., half:].flip(-1)
-    return out
+class _Tables(NamedTuple):
+    order: torch.Tensor  # Makhoul's order: x[order] is the rfft's input
+    restore: torch.Tensor  # its inverse
+    twiddle: torch.Tensor  # exp(-i pi k / 2n) for the rfft's n // 2 + 1 bins
+    out_index: torch.Tensor  # the real or imaginary part of a bin that each DCT output reads
+    out_weight: torch.Tensor  # with its scale and sign
+    in_index: torch.Tensor  # the input that each real and imaginary part of the inverse's bins reads
+    in_weight: torch.Tensor  # with its weight (zero for the imaginary part of bin 0)
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(n: int, dtype: torch.dtype, device: torch.device):
-    """Cached per length: exp(-i pi k / 2n) for the n // 2 + 1 bins of an rfft and the orthonormal scale of each
-    output index."""
-    k = torch.arange(n // 2 + 1, dtype=torch.float64)
+def _tables(n: int, dtype: torch.dtype, device: torch.device) -> _Tables:
+    """Cached per length: the transforms as index and weight tables, so that each is a handful of whole-tensor
+    operations."""
+    order = makhoul_order(n)
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(n)
+    bins = n // 2 + 1
+    k = torch.arange(bins, dtype=torch.float64)
     twiddle = torch.exp(-1j * math.pi * k / (2 * n))
+    scale = dct_scale(n)
+    # DCT output k: Re(W_k V_k) for k <= n/2, -Im(W_j V_j) with j = n - k above
+    out = torch.arange(n)
+    upper = out > n // 2
+    out_index = torch.where(upper, 2 * (n - out) + 1, 2 * out)
+    out_weight = torch.where(upper, -scale, scale)
+    # inverse: bin k is (c_k - i c_{n-k}) with c = x / scale and c_n = 0
+    in_index = torch.stack([torch.arange(bins), (n - torch.arange(bins)) % n], dim=-1).reshape(-1)
+    in_weight = torch.stack([1 / scale[:bins], -1 / scale[(n - torch.arange(bins)) % n]], dim=-1)
+    in_weight[0, 1] = 0.0
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    return twiddle.to(device=device, dtype=complex_dtype), dct_scale(n).to(device=device, dtype=dtype)
+    return _Tables(order.to(device), restore.to(device), twiddle.to(device=device, dtype=complex_dtype),
+                   out_index.to(device), out_weight.to(device=device, dtype=dtype), in_index.to(device),
+                   in_weight.reshape(-1).to(device=device, dtype=dtype))
 
 
 def _dct_last(x: torch.Tensor) -> torch.Tensor:
     # Makhoul with a real FFT: C_k = Re(W_k V_k) for the rfft's bins k <= n/2, and C_{n-k} = -Im(W_k V_k) above.
     n = x.shape[-1]
-    twiddle, scale = _tables(n, x.dtype, x.device)
-    t = torch.fft.rfft(makhoul_reorder(x), dim=-1) * twiddle
-    return torch.cat([t.real, -t.imag[..., 1:(n + 1) // 2].flip(-1)], dim=-1) * scale
+    tables = _tables(n, x.dtype, x.device)
+    # in place where a tensor is the operation's own: a fresh one is faulted in page by page, at a cost like the FFT's
+    t = torch.fft.rfft(x.index_select(-1, tables.order), dim=-1).mul_(tables.twiddle)
+    return torch.view_as_real(t).flatten(-2).index_select(-1, tables.out_index).mul_(tables.out_weight)
 
 
 def _idct_last(x: torch.Tensor) -> torch.Tensor:
     # The inverse: the rfft bins V_k = conj(W_k) (c_k - i c_{n-k}) (c = x / scale, c_n = 0), one inverse real FFT,
     # then the samples back from Makhoul's order.
     n = x.shape[-1]
-    twiddle, scale = _tables(n, x.dtype, x.device)
-    c = x / scale
-    bins = n // 2 + 1
-    mirrored = torch.cat([torch.zeros_like(c[..., :1]), c[..., n - bins + 1:].flip(-1)], dim=-1)
-    v = torch.fft.irfft(torch.complex(c[..., :bins], -mirrored) * twiddle.conj(), n=n, dim=-1)
-    return makhoul_restore(v)
+    tables = _tables(n, x.dtype, x.device)
+    bins = x.index_select(-1, tables.in_index).mul_(tables.in_weight).view(*x.shape[:-1], n // 2 + 1, 2)
+    v = torch.fft.irfft(torch.view_as_complex(bins).mul_(tables.twiddle.conj()), n=n, dim=-1)
+    return v.index_select(-1, tables.restore)
 
 
 def _along(fn, x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -4,18 +4,22 @@ spectra (:mod:`.half_spectrum`). No M x N tensor is formed; the cost per token i
 Activations stay (tokens, features) row-major throughout and are processed a block of rows at a time on a CPU, so a
 step's temporaries (a few block x features tensors) stay in cache between the reorder, FFT, sparse product, inverse
 FFT and sum; whole-batch temporaries would make every one of those passes go to memory.
+
+A frozen float32/64 layer's own product is computed in the same autograd Function (:func:`linear_with_delta`), so
+the update is added into the layer's output in place and, in backward, the update's input gradient into the frozen
+product's: one (tokens, N) gradient per layer call.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..transforms import makhoul_reorder
+from ..transforms import makhoul_order
 from .cache import Scratch, placement_of, workspace_of
 from .half_spectrum import Structure
 from .spectrum import Spectrum, compute_dtype, inverse_order, stencil_gradients
@@ -56,11 +60,6 @@ def select_features(x: torch.Tensor, index: Optional[torch.Tensor], out: Optiona
     return torch.index_select(x, 1, index, out=out) if out is not None else x.index_select(1, index)
 
 
-def _makhoul_order(size: int, device: torch.device) -> torch.Tensor:
-    """Makhoul's reorder as indices."""
-    return makhoul_reorder(torch.arange(size, device=device))
-
-
 @dataclass
 class Reorders:
     """Feature orders around the FFTs, as indices into the last axis (None: none): each composes a method's
@@ -78,11 +77,11 @@ def _build_reorders(spec: Spectrum, device: torch.device) -> Reorders:
         if order is None and spec.transform == "dft":
             return None, None
         if order is None:
-            order = _makhoul_order(size, device)
+            order = makhoul_order(size, device)
         else:
             order = order.to(device)
             if spec.transform == "dct":  # the ordering first, then Makhoul's
-                order = order[_makhoul_order(size, device)]
+                order = order[makhoul_order(size, device)]
         return order, inverse_order(order)
 
     return Reorders(*order_and_inverse(spec.col_order, spec.in_features),
