@@ -156,3 +156,20 @@ def test_only_frozen_layers_compute_their_product_with_the_update(build, monkeyp
     torch.testing.assert_close(trainable, frozen, atol=1e-12, rtol=0)
     for name, grad in frozen_grads.items():
         torch.testing.assert_close(trainable_grads[name], grad, atol=1e-9 * float(grad.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("path", ["dense", "activation"])
+def test_a_frozen_layer_trains_under_autocast(path):
+    # the frozen product runs in bfloat16 under autocast, as the base layer's would, and its gradient comes back in
+    # bfloat16; the update and its backward (run inside the autocast region here) compute in float32, with what
+    # the first call builds and keeps (the sparse structure) in float32 too
+    model = adapted(build_bert, "loca")
+    ids = make_input_ids(batch=2, seq_len=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, cast_grads = run(model, path, ids)
+    assert cast.dtype == torch.bfloat16
+    plain, plain_grads = run(model, path, ids)
+    torch.testing.assert_close(cast.float(), plain, atol=0.1 * float(plain.abs().max()), rtol=0)
+    for name, grad in plain_grads.items():
+        assert cast_grads[name].dtype == grad.dtype and grad.abs().max() > 0
+        torch.testing.assert_close(cast_grads[name], grad, atol=0.1 * float(grad.abs().max()), rtol=0)

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .spectral import (
     DELTA_PRODUCTS, TRANSFORMS, PlacementCache, Spectrum, Workspace, apply_delta, check_cells, check_permutation,
-    choose_path, delta_weight, linear_with_delta,
+    choose_path, delta_weight, folded_linear, linear_with_delta,
 )
 from .transforms import COMPUTE_DTYPES
 
@@ -234,23 +234,32 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         # a view of the weight, frozen as it is (PEFT's transpose would wrap a Conv1D's in a new, trainable Parameter,
         # and autograd would then compute a weight gradient for nothing on every step)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        if foldable:
-            for spec in (spec for spec, path in zip(specs, paths) if path == "dense"):
+        dense = [spec for spec, path in zip(specs, paths) if path == "dense"] if foldable else []
+        # A frozen layer computes its own product together with one update (its only dense one, else the first
+        # through the activations): backward then makes one input gradient and no weight gradient.
+        own, own_path = None, None
+        if foldable and len(dense) <= 1 and self._frozen(base, weight) and not torch.compiler.is_compiling():
+            own, own_path = next(((spec, path) for spec, path in zip(specs, paths)
+                                  if path == "dense" or (path == "activation" and not dense)), (None, None))
+        for spec in dense:
+            if spec is not own:
                 weight = weight + delta_weight(spec).to(weight.dtype)
-        # The first update through the activations computes the frozen product too, so that backward adds its input
-        # gradient into the frozen product's (a frozen float32/64 layer: the foldable ones).
-        fused = next((spec for spec, path in zip(specs, paths) if path == "activation"), None) if (
-            foldable and not weight.requires_grad and not (base.bias is not None and base.bias.requires_grad)) else None
-        result = (F.linear(x.reshape(-1, self.in_features), weight, base.bias) if fused is None
-                  else linear_with_delta(x, fused, weight, base.bias))
+        if own is None:
+            result = F.linear(x.reshape(-1, self.in_features), weight, base.bias)
+        else:
+            result = (folded_linear if own_path == "dense" else linear_with_delta)(x, own, weight, base.bias)
         for spec, path in zip(specs, paths):
-            if spec is fused:
+            if spec is own:
                 continue
             if path == "activation":
                 result = apply_delta(x, spec, out=result)
             elif path == "factored" or not foldable:
                 result = result + DELTA_PRODUCTS[path](x, spec).reshape(result.shape).to(result.dtype)
         return result.reshape(*x.shape[:-1], self.out_features)
+
+    @staticmethod
+    def _frozen(base: nn.Module, weight: torch.Tensor) -> bool:
+        return not weight.requires_grad and not (base.bias is not None and base.bias.requires_grad)
 
     def _path(self, tokens: int, spec: Spectrum, device: torch.device, folded: bool) -> str:
         """The path this call takes for ``spec``: ``spectral_path``, or with "auto" the cost model's choice."""

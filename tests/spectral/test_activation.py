@@ -183,11 +183,16 @@ def test_apply_delta_refuses_an_output_it_cannot_add_into():
         apply_delta(x, spec, out=torch.zeros(12, 7)[::2])  # a view
 
 
-def test_linear_with_delta_adds_the_bias_and_refuses_a_product_it_cannot_own():
-    spec = make_spec(7, 9, n_coef=8, dtype=torch.float64)
+@pytest.mark.parametrize("transform", ["dct", "dft"])
+@pytest.mark.parametrize("orders", [False, True])
+@pytest.mark.parametrize("product", ["linear_with_delta", "folded_linear"])
+def test_a_frozen_product_with_the_update_matches_reference_and_refuses_what_it_cannot_own(transform, orders, product):
+    # linear_with_delta adds the update through the activations, folded_linear folds dW into the weight; both give
+    # the input, coefficient and location gradients of F.linear(x, W + dW, b), and none to W or b
+    spec = make_spec(7, 9, n_coef=8, transform=transform, dtype=torch.float64, orders=orders, locations=True, seed=4)
     x = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
     w, b = torch.randn(7, 9, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
-    y = activation.linear_with_delta(x, spec, w, b)
+    y = getattr(activation, product)(x, spec, w, b)
     y.sin().sum().backward()
     x_ref = x.detach().clone().requires_grad_(True)
     coefficients = spec.coefficients.detach().clone().requires_grad_(True)
@@ -196,8 +201,13 @@ def test_linear_with_delta_adds_the_bias_and_refuses_a_product_it_cannot_own():
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
-    # its backward gives no weight or bias gradient: a trainable one, or another dtype, is refused
+    # the location gradient against the dense path's (autograd through dW)
+    located = spec.locations.grad.clone()
+    spec.locations.grad = None
+    F.linear(x.detach().reshape(-1, 9), w + delta_weight(spec), b).sin().sum().backward()
+    assert located.abs().max() > 1e-6
+    torch.testing.assert_close(located, spec.locations.grad, atol=1e-10, rtol=1e-8)
     for weight, bias, inputs in ((w.clone().requires_grad_(True), b, x), (w, b.clone().requires_grad_(True), x),
                                  (w.float(), b.float(), x.float().to(torch.bfloat16))):
-        with pytest.raises(ValueError, match="linear_with_delta: weight and bias must be frozen"):
-            activation.linear_with_delta(inputs, spec, weight, bias)
+        with pytest.raises(ValueError, match=f"{product}: weight and bias must be frozen"):
+            getattr(activation, product)(inputs, spec, weight, bias)

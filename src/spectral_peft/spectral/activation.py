@@ -12,6 +12,7 @@ product's: one (tokens, N) gradient per layer call.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from ..transforms import makhoul_order
 from .cache import Scratch, placement_of, workspace_of
 from .half_spectrum import Structure
-from .spectrum import Spectrum, compute_dtype, inverse_order, stencil_gradients
+from .spectrum import Spectrum, compute_dtype, delta_weight, inverse_order, stencil_gradients
 
 # A block holds about _BLOCK_ELEMENTS values, and at least _BLOCK_MIN_ROWS rows: each operation has a fixed cost per
 # call (torch's MKL backend plans every FFT anew), which many thin blocks of a very wide layer would pay many times.
@@ -123,6 +124,16 @@ def _add_selected(target: torch.Tensor, t: torch.Tensor, index: Optional[torch.T
         t, index, out=scratch("reordered back", t.shape[0], t.shape[1], t.dtype)))
 
 
+def _autocast_off(backward):
+    """A Function's backward with autocast off on its gradient's device: a backward run inside an autocast region
+    would cast some operands of its sparse products to half precision and not others."""
+    @functools.wraps(backward)
+    def run(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return backward(ctx, grad_y)
+    return run
+
+
 @dataclass
 class _Call:
     """What a layer call passes its product besides tensors: the tensor the layer was called with (hidden from
@@ -141,6 +152,18 @@ class _SpectralActivationProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, coefficients, locations, spec: Spectrum, call: _Call, out):
+        # the frozen product as the base layer computes it (in half precision under autocast); the update in the
+        # compute dtype, autocast off (it would cast some operands of the sparse products and not others)
+        into = out if out is not None or call.frozen is None else F.linear(x, *call.frozen)
+        with torch.autocast(x.device.type, enabled=False):
+            result = _SpectralActivationProduct._add_update(ctx, x, coefficients, spec, call, into)
+        if out is not None:
+            ctx.mark_dirty(out)
+        return result
+
+    @staticmethod
+    def _add_update(ctx, x, coefficients, spec: Spectrum, call: _Call, into: Optional[torch.Tensor]):
+        """The update, added into ``into`` if given, else a new tensor; what backward needs goes on ``ctx``."""
         m, n = spec.out_features, spec.in_features
         structure = placement_of(spec).get(("structure", x.dtype), lambda: Structure(spec, x.dtype))
         reorders, workspace = call.reorders, workspace_of(spec)
@@ -161,7 +184,6 @@ class _SpectralActivationProduct(torch.autograd.Function):
             stencil = structure.stencil(spec)  # the cells' own (S2FT has no locations): kept with the structure
             columns = stencil.columns if stencil is not None else structure.entries[0][:0]
             kept = x.new_empty(x.shape[0], columns.numel())
-        into = out if out is not None or call.frozen is None else F.linear(x, *call.frozen)
         result = x.new_empty(x.shape[0], m) if into is None else into
         for rows in row_blocks(x.shape[0], max(m, n), x.device):
             block = half_in[rows] if shared else half_spectrum(x[rows], reorders.col, scratch)
@@ -176,11 +198,10 @@ class _SpectralActivationProduct(torch.autograd.Function):
             ctx.save_for_backward(half_in if shared else kept)
         ctx.spec, ctx.reorders, ctx.structure, ctx.values = spec, reorders, structure, values
         ctx.kept_columns, ctx.frozen_weight = not shared, None if call.frozen is None else call.frozen[0]
-        if out is not None:
-            ctx.mark_dirty(out)
         return result
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_y):
         (half_in,) = ctx.saved_tensors
         spec, reorders, structure = ctx.spec, ctx.reorders, ctx.structure
@@ -193,7 +214,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
             adjoint = pattern.matrix(ctx.values * weight)
             # with the frozen product, its input gradient is the tensor the update's is added into
             frozen = ctx.frozen_weight
-            grad_x = half_in.new_empty(grad_y.shape[0], n) if frozen is None else grad_y.mm(frozen)
+            grad_x = half_in.new_empty(grad_y.shape[0], n) if frozen is None else grad_y.to(frozen.dtype).mm(frozen)
         dots, scratch = None, workspace_of(spec).scratch(half_in.device)
         for rows in row_blocks(grad_y.shape[0], max(m, n), half_in.device):
             # (rows, 2 Mh)
@@ -234,12 +255,61 @@ def linear_with_delta(x: torch.Tensor, spec: Spectrum, weight: torch.Tensor, bia
     """``F.linear(x, weight, bias) + x @ dW^T`` as a (tokens, M) tensor, with the update added into the frozen
     product in place and, in backward, the update's input gradient added into the frozen product's: one (tokens, N)
     gradient and no sum of two. ``weight`` and ``bias`` must be frozen, and x of their float32/64 dtype."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != weight.dtype or \
-            x.dtype != compute_dtype(x.dtype):
-        raise ValueError("linear_with_delta: weight and bias must be frozen and x float32/64 of weight's dtype")
+    _check_frozen("linear_with_delta", x, weight, bias)
     if x.numel() == 0:
         return F.linear(x.reshape(-1, spec.in_features), weight, bias)
     return _apply(x, spec, None, (weight, bias))
+
+
+class _FoldedProduct(torch.autograd.Function):
+    """``F.linear(x, weight + dW, bias)`` for a frozen weight and x of shape (T, N): the dense update carried by the
+    frozen product, with the gradients read off the activations' half spectra at the stencil points, as the activation
+    path reads them, instead of off a dense weight gradient (a T x M x N product and a 2-D transform of it)."""
+
+    @staticmethod
+    def forward(ctx, x, coefficients, locations, spec: Spectrum, weight, bias, reorders: Reorders):
+        with torch.autocast(x.device.type, enabled=False):  # the product alone follows autocast, as the base layer's
+            folded = weight + delta_weight(spec).to(weight.dtype)
+        ctx.save_for_backward(x, folded)
+        ctx.spec, ctx.reorders = spec, reorders
+        return F.linear(x, folded, bias)
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx, grad_y):
+        x, folded = ctx.saved_tensors
+        spec, reorders = ctx.spec, ctx.reorders
+        grad_y = grad_y.to(x.dtype)  # under autocast the product, and so its gradient, may be in half precision
+        structure = placement_of(spec).get(("structure", x.dtype), lambda: Structure(spec, x.dtype))
+        stencil = structure.stencil(spec)
+        dots, scratch = None, workspace_of(spec).scratch(x.device)
+        blocks = row_blocks(x.shape[0], max(spec.out_features, spec.in_features), x.device) if stencil is not None else []
+        for rows in blocks:
+            block = stencil.sampled_dots(half_spectrum(grad_y[rows], reorders.row, scratch),
+                                         half_spectrum(x[rows], reorders.col, scratch), False)
+            dots = block if dots is None else dots.add_(block)
+        coef_grad, loc_grad = stencil_gradients(None if dots is None else stencil.spectral_grad(dots, spec.scaling), spec)
+        grad_x = grad_y.mm(folded) if ctx.needs_input_grad[0] else None
+        return grad_x, coef_grad, loc_grad, None, None, None, None
+
+
+def folded_linear(x: torch.Tensor, spec: Spectrum, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """``F.linear(x, weight + dW, bias)`` as a (tokens, M) tensor, dW built densely (the dense path folded into a
+    frozen layer's product); backward reads the coefficient gradients off the half spectra of the activations, with no
+    weight gradient. ``weight`` and ``bias`` must be frozen, and x of their float32/64 dtype."""
+    _check_frozen("folded_linear", x, weight, bias)
+    work = x.reshape(-1, spec.in_features)
+    if x.numel() == 0:
+        return F.linear(work, weight + delta_weight(spec).to(weight.dtype), bias)
+    coefficients = spec.coefficients.to(work.dtype) if spec.coefficients.dtype != work.dtype else spec.coefficients
+    reorders = placement_of(spec).get(("reorders", x.device), lambda: _build_reorders(spec, x.device))
+    return _FoldedProduct.apply(work, coefficients, spec.locations, spec, weight, bias, reorders)
+
+
+def _check_frozen(name: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != weight.dtype or \
+            x.dtype != compute_dtype(x.dtype):
+        raise ValueError(f"{name}: weight and bias must be frozen and x float32/64 of weight's dtype")
 
 
 def _apply(x: torch.Tensor, spec: Spectrum, out: Optional[torch.Tensor], frozen) -> torch.Tensor:
