@@ -228,19 +228,21 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
                 result = result + DELTA_PRODUCTS[path](x, spec).to(result.dtype)
             return result
         # A plain layer's product is computed here, on the tokens as rows: the result is then a fresh tensor that the
-        # activation path adds into in place, and for a float32/64 model the dense updates join the frozen weight,
-        # which saves two of the three matmuls a separate dense product costs in training.
+        # activation path adds into in place, and for a float32/64 model the dense updates join the frozen weight
+        # (a separate dense product would cost three matmuls in training).
         base = self.get_base_layer()
         # a view of the weight, frozen as it is (PEFT's transpose would wrap a Conv1D's in a new, trainable Parameter,
         # and autograd would then compute a weight gradient for nothing on every step)
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
         dense = [spec for spec, path in zip(specs, paths) if path == "dense"] if foldable else []
         # A frozen layer computes its own product together with one update (its only dense one, else the first
-        # through the activations): backward then makes one input gradient and no weight gradient.
+        # through the activations): backward then makes one input gradient and no weight gradient. A dense update
+        # whose locations train stays with autograd, which reads their five-point stencil off one dense gradient.
         own, own_path = None, None
         if foldable and len(dense) <= 1 and self._frozen(base, weight) and not torch.compiler.is_compiling():
-            own, own_path = next(((spec, path) for spec, path in zip(specs, paths)
-                                  if path == "dense" or (path == "activation" and not dense)), (None, None))
+            own, own_path = next(((spec, path) for spec, path in zip(specs, paths) if (
+                path == "dense" and not (spec.locations is not None and spec.train_locations))
+                or (path == "activation" and not dense)), (None, None))
         for spec in dense:
             if spec is not own:
                 weight = weight + delta_weight(spec).to(weight.dtype)
