@@ -3,7 +3,8 @@
 * The activation path (:mod:`.activation`; wide layers on a CPU) applies the update to activations: a real FFT of
   the input features, one sparse product into the output's half spectrum, an inverse real FFT.
 * The dense path (:mod:`.spectrum`) builds ``dW`` (merging; small layers with many tokens; a layer may add it to its
-  frozen weight so that its own product carries it).
+  frozen weight so that its own product carries it, and then read the gradients off the activations' half spectra:
+  :func:`.activation.folded_linear`).
 * The factored path (:mod:`.factored`) multiplies by the coefficients' basis vectors, two products as thin as their
   number (layers on a GPU).
 

@@ -7,7 +7,8 @@ FFT and sum; whole-batch temporaries would make every one of those passes go to 
 
 A frozen float32/64 layer's own product is computed in the same autograd Function (:func:`linear_with_delta`), so
 the update is added into the layer's output in place and, in backward, the update's input gradient into the frozen
-product's: one (tokens, N) gradient per layer call.
+product's: one (tokens, N) gradient per layer call. :func:`folded_linear` is the dense path's counterpart: dW folded
+into the frozen product, the gradients read off the activations' half spectra as here.
 """
 
 from __future__ import annotations
@@ -283,12 +284,13 @@ class _FoldedProduct(torch.autograd.Function):
         structure = placement_of(spec).get(("structure", x.dtype), lambda: Structure(spec, x.dtype))
         stencil = structure.stencil(spec)
         dots, scratch = None, workspace_of(spec).scratch(x.device)
-        blocks = row_blocks(x.shape[0], max(spec.out_features, spec.in_features), x.device) if stencil is not None else []
-        for rows in blocks:
+        width = max(spec.out_features, spec.in_features)
+        for rows in row_blocks(x.shape[0], width, x.device) if stencil is not None else []:
             block = stencil.sampled_dots(half_spectrum(grad_y[rows], reorders.row, scratch),
                                          half_spectrum(x[rows], reorders.col, scratch), False)
             dots = block if dots is None else dots.add_(block)
-        coef_grad, loc_grad = stencil_gradients(None if dots is None else stencil.spectral_grad(dots, spec.scaling), spec)
+        spectral_grad = stencil.spectral_grad(dots, spec.scaling) if dots is not None else None
+        coef_grad, loc_grad = stencil_gradients(spectral_grad, spec)
         grad_x = grad_y.mm(folded) if ctx.needs_input_grad[0] else None
         return grad_x, coef_grad, loc_grad, None, None, None, None
 
@@ -301,9 +303,7 @@ def folded_linear(x: torch.Tensor, spec: Spectrum, weight: torch.Tensor, bias: O
     work = x.reshape(-1, spec.in_features)
     if x.numel() == 0:
         return F.linear(work, weight + delta_weight(spec).to(weight.dtype), bias)
-    coefficients = spec.coefficients.to(work.dtype) if spec.coefficients.dtype != work.dtype else spec.coefficients
-    reorders = placement_of(spec).get(("reorders", x.device), lambda: _build_reorders(spec, x.device))
-    return _FoldedProduct.apply(work, coefficients, spec.locations, spec, weight, bias, reorders)
+    return _FoldedProduct.apply(work, *_inputs(spec, work), weight, bias, _reorders_of(spec, x.device))
 
 
 def _check_frozen(name: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -314,7 +314,15 @@ def _check_frozen(name: str, x: torch.Tensor, weight: torch.Tensor, bias: Option
 
 def _apply(x: torch.Tensor, spec: Spectrum, out: Optional[torch.Tensor], frozen) -> torch.Tensor:
     work = x.reshape(-1, spec.in_features).to(compute_dtype(x.dtype))
+    call = _Call(x, torch.is_grad_enabled(), _reorders_of(spec, x.device), frozen)
+    return _SpectralActivationProduct.apply(work, *_inputs(spec, work), call, out)
+
+
+def _inputs(spec: Spectrum, work: torch.Tensor) -> tuple:
+    """(coefficients in the activations' dtype, locations, spec): what our Functions take after the activations."""
     coefficients = spec.coefficients.to(work.dtype) if spec.coefficients.dtype != work.dtype else spec.coefficients
-    reorders = placement_of(spec).get(("reorders", x.device), lambda: _build_reorders(spec, x.device))
-    return _SpectralActivationProduct.apply(work, coefficients, spec.locations, spec,
-                                            _Call(x, torch.is_grad_enabled(), reorders, frozen), out)
+    return coefficients, spec.locations, spec
+
+
+def _reorders_of(spec: Spectrum, device: torch.device) -> Reorders:
+    return placement_of(spec).get(("reorders", device), lambda: _build_reorders(spec, device))
