@@ -19,7 +19,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .spectral import (
-    DELTA_PRODUCTS, TRANSFORMS, PlacementCache, Spectrum, Workspace, apply_delta, check_cells, check_permutation,
+    DELTA_PRODUCTS, TRANSFORMS, PlacementCache, Spectrum, Workspace, apply_delta, can_own_product, check_cells,
+    check_permutation,
     choose_path, delta_weight, folded_linear, linear_with_delta,
 )
 from .transforms import COMPUTE_DTYPES
@@ -238,18 +239,20 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
         # A frozen layer computes its own product together with one update (its only dense one, else the first
         # through the activations): backward then makes one input gradient and no weight gradient. A dense update
         # whose locations train stays with autograd, which reads their five-point stencil off one dense gradient.
-        own, own_path = None, None
-        if foldable and len(dense) <= 1 and self._frozen(base, weight) and not torch.compiler.is_compiling():
-            own, own_path = next(((spec, path) for spec, path in zip(specs, paths) if (
-                path == "dense" and not (spec.locations is not None and spec.train_locations))
-                or (path == "activation" and not dense)), (None, None))
+        own = None
+        if (foldable and len(dense) <= 1 and can_own_product(x, weight, base.bias)
+                and not torch.compiler.is_compiling()):
+            if dense:
+                own = None if dense[0].trains_locations else dense[0]
+            else:
+                own = next((spec for spec, path in zip(specs, paths) if path == "activation"), None)
         for spec in dense:
             if spec is not own:
                 weight = weight + delta_weight(spec).to(weight.dtype)
         if own is None:
             result = F.linear(x.reshape(-1, self.in_features), weight, base.bias)
-        else:
-            result = (folded_linear if own_path == "dense" else linear_with_delta)(x, own, weight, base.bias)
+        else:  # own is the one dense update, if there is one
+            result = (folded_linear if dense else linear_with_delta)(x, own, weight, base.bias)
         for spec, path in zip(specs, paths):
             if spec is own:
                 continue
@@ -258,10 +261,6 @@ class SpectralLinear(nn.Module, BaseTunerLayer):
             elif path == "factored" or not foldable:
                 result = result + DELTA_PRODUCTS[path](x, spec).reshape(result.shape).to(result.dtype)
         return result.reshape(*x.shape[:-1], self.out_features)
-
-    @staticmethod
-    def _frozen(base: nn.Module, weight: torch.Tensor) -> bool:
-        return not weight.requires_grad and not (base.bias is not None and base.bias.requires_grad)
 
     def _path(self, tokens: int, spec: Spectrum, device: torch.device, folded: bool) -> str:
         """The path this call takes for ``spec``: ``spectral_path``, or with "auto" the cost model's choice."""

@@ -47,8 +47,7 @@ def _tables(n: int, dtype: torch.dtype, device: torch.device) -> _Tables:
     """Cached per length: the transforms as index and weight tables, so that each is a handful of whole-tensor
     operations."""
     order = makhoul_order(n)
-    restore = torch.empty_like(order)
-    restore[order] = torch.arange(n)
+    restore = order.argsort()
     bins = n // 2 + 1
     k = torch.arange(bins, dtype=torch.float64)
     twiddle = torch.exp(-1j * math.pi * k / (2 * n))
@@ -59,8 +58,9 @@ def _tables(n: int, dtype: torch.dtype, device: torch.device) -> _Tables:
     out_index = torch.where(upper, 2 * (n - out) + 1, 2 * out)
     out_weight = torch.where(upper, -scale, scale)
     # inverse: bin k is (c_k - i c_{n-k}) with c = x / scale and c_n = 0
-    in_index = torch.stack([torch.arange(bins), (n - torch.arange(bins)) % n], dim=-1).reshape(-1)
-    in_weight = torch.stack([1 / scale[:bins], -1 / scale[(n - torch.arange(bins)) % n]], dim=-1)
+    mirror = (n - torch.arange(bins)) % n
+    in_index = torch.stack([torch.arange(bins), mirror], dim=-1).reshape(-1)
+    in_weight = torch.stack([1 / scale[:bins], -1 / scale[mirror]], dim=-1)
     in_weight[0, 1] = 0.0
     complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
     return _Tables(order.to(device), restore.to(device), twiddle.to(device=device, dtype=complex_dtype),

@@ -94,13 +94,15 @@ def _build_reorders(spec: Spectrum, device: torch.device) -> Reorders:
 # half spectra of activations
 
 
+def _reordered(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> torch.Tensor:
+    """``x[:, index]`` for one block of rows, into a scratch buffer that stays in cache (x itself for no index)."""
+    return x if index is None else select_features(x, index, out=scratch("reordered", x.shape[0], x.shape[1], x.dtype))
+
+
 def half_spectrum(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> torch.Tensor:
     """(T, N) features of one block of rows -> (T, 2 Nh) real and imaginary parts of the rfft of ``x[:, index]``.
-    The reordered copy is a scratch buffer that stays in cache; the rfft writes a tensor of its own (an ``out=``
-    FFT computes into a temporary and copies it)."""
-    reordered = x if index is None else select_features(
-        x, index, out=scratch("reordered", x.shape[0], x.shape[1], x.dtype))
-    return torch.view_as_real(torch.fft.rfft(reordered, dim=-1)).reshape(x.shape[0], -1)
+    The rfft writes a tensor of its own (an ``out=`` FFT computes into a temporary and copies it)."""
+    return torch.view_as_real(torch.fft.rfft(_reordered(x, index, scratch), dim=-1)).reshape(x.shape[0], -1)
 
 
 def kept_half_spectrum(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> torch.Tensor:
@@ -108,9 +110,7 @@ def kept_half_spectrum(x: torch.Tensor, index: Optional[torch.Tensor], scratch: 
     cache), into one tensor kept for backward."""
     spectrum = torch.empty(x.shape[0], x.shape[1] // 2 + 1, dtype=x.dtype.to_complex(), device=x.device)
     for rows in row_blocks(x.shape[0], x.shape[1], x.device):
-        reordered = x[rows] if index is None else select_features(
-            x[rows], index, out=scratch("reordered", rows.stop - rows.start, x.shape[1], x.dtype))
-        torch.fft.rfft(reordered, dim=-1, out=spectrum[rows])
+        torch.fft.rfft(_reordered(x[rows], index, scratch), dim=-1, out=spectrum[rows])
     return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
 
 
@@ -256,7 +256,7 @@ def linear_with_delta(x: torch.Tensor, spec: Spectrum, weight: torch.Tensor, bia
     """``F.linear(x, weight, bias) + x @ dW^T`` as a (tokens, M) tensor, with the update added into the frozen
     product in place and, in backward, the update's input gradient added into the frozen product's: one (tokens, N)
     gradient and no sum of two. ``weight`` and ``bias`` must be frozen, and x of their float32/64 dtype."""
-    _check_frozen("linear_with_delta", x, weight, bias)
+    _check_owns("linear_with_delta", x, weight, bias)
     if x.numel() == 0:
         return F.linear(x.reshape(-1, spec.in_features), weight, bias)
     return _apply(x, spec, None, (weight, bias))
@@ -299,16 +299,22 @@ def folded_linear(x: torch.Tensor, spec: Spectrum, weight: torch.Tensor, bias: O
     """``F.linear(x, weight + dW, bias)`` as a (tokens, M) tensor, dW built densely (the dense path folded into a
     frozen layer's product); backward reads the coefficient gradients off the half spectra of the activations, with no
     weight gradient. ``weight`` and ``bias`` must be frozen, and x of their float32/64 dtype."""
-    _check_frozen("folded_linear", x, weight, bias)
+    _check_owns("folded_linear", x, weight, bias)
     work = x.reshape(-1, spec.in_features)
     if x.numel() == 0:
         return F.linear(work, weight + delta_weight(spec).to(weight.dtype), bias)
     return _FoldedProduct.apply(work, *_inputs(spec, work), weight, bias, _reorders_of(spec, x.device))
 
 
-def _check_frozen(name: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    if weight.requires_grad or (bias is not None and bias.requires_grad) or x.dtype != weight.dtype or \
-            x.dtype != compute_dtype(x.dtype):
+def can_own_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`linear_with_delta` and :func:`folded_linear` may compute ``F.linear(x, weight, bias)``: their
+    backward gives no gradient to a weight or bias, and computes in x's dtype, which must be float32/64 and weight's."""
+    return (not weight.requires_grad and not (bias is not None and bias.requires_grad) and x.dtype == weight.dtype
+            and x.dtype == compute_dtype(x.dtype))
+
+
+def _check_owns(name: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    if not can_own_product(x, weight, bias):
         raise ValueError(f"{name}: weight and bias must be frozen and x float32/64 of weight's dtype")
 
 

@@ -76,7 +76,7 @@ class _FactoredProduct(torch.autograd.Function):
         projected = x @ in_basis
         # the input only for LoCA's location phase (its neighbours' projections): the base layer's own product,
         # whose weight is frozen, does not keep it either
-        ctx.save_for_backward(x if spec.locations is not None and spec.train_locations else None, projected,
+        ctx.save_for_backward(x if spec.trains_locations else None, projected,
                               out_basis, in_basis, weights)
         ctx.spec = spec
         return (projected * weights) @ out_basis.t()

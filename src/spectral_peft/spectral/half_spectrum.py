@@ -175,7 +175,7 @@ class Structure:
         points = stencil_points(spec)
         if points is None:
             return None
-        if spec.locations is not None and spec.train_locations:
+        if spec.trains_locations:
             return Stencil(q_entries(spec, *points, self.entries[1].dtype), points[0].numel(), spec, self.shape[1])
         if self._cells_stencil is None:
             self._cells_stencil = Stencil(self.entries, spec.cells.shape[1], spec, self.shape[1])

@@ -44,6 +44,11 @@ class Spectrum:
     placement: Optional["Placement"] = None  # what the cells and orders fix (sparsity, reorders, basis vectors)
     workspace: Optional["Workspace"] = None  # scratch buffers and an input spectrum shared by layers
 
+    @property
+    def trains_locations(self) -> bool:
+        """Whether the locations get gradients (LoCA's location phases)."""
+        return self.locations is not None and self.train_locations
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the transforms compute in for inputs of ``dtype`` (half precision: float32)."""
@@ -61,7 +66,7 @@ def stencil_points(spec: Spectrum) -> Optional[tuple[torch.Tensor, torch.Tensor]
     coefficients train), then their four neighbours (when the locations train); None when nothing trains."""
     rows, cols = spec.cells[0], spec.cells[1]
     points = [(rows, cols)] if spec.train_coefficients else []
-    if spec.locations is not None and spec.train_locations:
+    if spec.trains_locations:
         m, n = spec.out_features, spec.in_features
         points += [
             ((rows + 1).clamp(max=m - 1), cols), ((rows - 1).clamp(min=0), cols),
@@ -83,7 +88,7 @@ def stencil_gradients(
     at the borders.
     """
     rows = spec.cells[0]
-    train_locations = spec.locations is not None and spec.train_locations
+    train_locations = spec.trains_locations
     values = [] if spectral_grad is None else list(spectral_grad.split(rows.numel()))
     coef_grad = values.pop(0).to(spec.coefficients.dtype) if spec.train_coefficients else None
     loc_grad = None
