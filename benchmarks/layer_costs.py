@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import spectral_peft
 from spectral_peft.spectral import Spectrum, random_cells
-from spectral_peft.spectral.activation import _add_selected, _irfft_half, _times_transposed, row_blocks
+from spectral_peft.spectral.activation import _add_selected, _irfft_half, _product_rows, half_spectrum, row_blocks
 from spectral_peft.spectral.cache import Scratch
 from spectral_peft.spectral.half_spectrum import Structure
 from spectral_peft.tools.bench import interleaved
@@ -96,20 +96,21 @@ def floor_ms(shape: tuple[int, int], tokens: int, rounds: int) -> dict:
     rows, scratch = blocks[0].stop - blocks[0].start, Scratch(cpu)
     x, grad_y, y, grad_x = torch.randn(rows, n), torch.randn(rows, m), torch.randn(rows, m), torch.randn(rows, n)
     col, row = makhoul_order(n), makhoul_order(m)
-    half_in = torch.view_as_real(torch.fft.rfft(x)).reshape(rows, -1)
-    half_out = torch.view_as_real(torch.fft.rfft(grad_y)).reshape(rows, -1)
-    product = _times_transposed(q, half_in, scratch).clone()
-    adjoint_product = _times_transposed(adjoint, half_out, scratch).clone()
+    half_in = half_spectrum(x, None, scratch, "input spectrum").clone()
+    half_out = half_spectrum(grad_y, None, scratch, "grad spectrum").clone()
+    product = _product_rows(q, half_in, scratch).clone()
+    adjoint_product = _product_rows(adjoint, half_out, scratch).clone()
     features_out, features_in = _irfft_half(product, m), _irfft_half(adjoint_product, n)
     operations = {
         "forward: reorder the input": lambda: x.index_select(1, col),
-        "forward: rfft of the input": lambda: torch.fft.rfft(x),
-        "forward: sparse product": lambda: _times_transposed(q, half_in, scratch),
+        "forward: rfft of the input, feature-major": lambda: half_spectrum(x, None, scratch, "input spectrum"),
+        "forward: sparse product": lambda: _product_rows(q, half_in, scratch),
         "forward: irfft": lambda: _irfft_half(product, m),
         "forward: reorder and add into the output": lambda: _add_selected(y, features_out, row, scratch),
         "backward: reorder the output gradient": lambda: grad_y.index_select(1, row),
-        "backward: rfft of the output gradient": lambda: torch.fft.rfft(grad_y),
-        "backward: sparse product (adjoint)": lambda: _times_transposed(adjoint, half_out, scratch),
+        "backward: rfft of the output gradient, feature-major": lambda: half_spectrum(grad_y, None, scratch,
+                                                                                      "grad spectrum"),
+        "backward: sparse product (adjoint)": lambda: _product_rows(adjoint, half_out, scratch),
         "backward: irfft": lambda: _irfft_half(adjoint_product, n),
         "backward: reorder and add into the input gradient": lambda: _add_selected(grad_x, features_in, col, scratch),
         "backward: sampled dots (coefficient gradients)": lambda: stencil.sampled_dots(half_out, half_in, False),

@@ -50,6 +50,33 @@ def test_cell_structure_follows_cells_moved_in_place():
     torch.testing.assert_close(spec.coefficients.grad, coefficients.grad, atol=1e-10, rtol=1e-8)
 
 
+def _gradients(x, spec, product):
+    spec.coefficients.grad = spec.locations.grad = None
+    (product(x, spec).sin()).sum().backward()
+    return [None if g is None else g.clone() for g in (spec.coefficients.grad, spec.locations.grad)]
+
+
+def test_gradient_stencils_are_kept_per_phase_and_follow_moved_cells():
+    # the activation path keeps the stencil of each choice of what trains (coefficients, locations, both) with
+    # the placement: switching phases, and moving the cells, must each give the dense path's gradients
+    spec = make_spec(7, 9, n_coef=6, dtype=torch.float64, locations=True, seed=5)
+    cache = _kept(spec)
+    x = torch.randn(40, 9, dtype=torch.float64)
+    phases = [(True, False), (False, True), (True, True), (True, False), (False, True)]
+    for moved in (False, True):
+        if moved:
+            spec.cells.copy_(random_cells((7, 9), 6, torch.Generator().manual_seed(98)))
+            spec.placement = cache("a", spec)
+        for spec.train_coefficients, spec.train_locations in phases:
+            kept = _gradients(x, spec, apply_delta)
+            assert spec.placement.get(("structure", x.dtype), lambda: None)._stencils.keys() <= set(phases)
+            dense = _gradients(x, spec, spectral.DELTA_PRODUCTS["dense"])
+            for got, want in zip(kept, dense):
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    structure = spec.placement.get(("structure", x.dtype), lambda: None)
+    assert len(structure._stencils) == 3  # one per phase, built once each since the cells moved
+
+
 def test_activation_path_reorders_follow_orders_set_in_place_or_replaced():
     # S2FT's composed reorders are kept with the placement: new orders, copied in place (as set_orders and loading
     # do) or given as new tensors, must be used while the cells stay put
@@ -141,3 +168,27 @@ def test_a_copied_or_pickled_layer_keeps_nothing_of_the_original():
         assert copied._placements == {}
     for copied in (copy.deepcopy(workspace), pickle.loads(pickle.dumps(workspace))):
         assert isinstance(copied, Workspace) and copied is not workspace
+
+
+def test_scratch_keeps_one_contiguous_buffer_per_use_whatever_the_batch(monkeypatch):
+    # a block's rows vary with the batch (padding to each batch's longest input) and layers of different widths
+    # alternate: the thread's scratch keeps one buffer per use, grown to the largest, and hands out contiguous views
+    from spectral_peft.spectral import activation
+
+    monkeypatch.setattr(activation, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(activation, "_BLOCK_MIN_ROWS", 16)
+    workspace = Workspace()
+    specs = [make_spec(m, n, n_coef=6, dtype=torch.float64, seed=m) for m, n in ((7, 9), (12, 5))]
+    for spec in specs:
+        spec.workspace = workspace
+    counts = []
+    for tokens in (51, 3, 17, 40, 33, 16, 50):
+        for spec in specs:
+            x = torch.randn(tokens, spec.in_features, dtype=torch.float64, requires_grad=True)
+            y = apply_delta(x, spec)
+            torch.testing.assert_close(y, x.detach() @ ref_of(spec).T, atol=1e-10, rtol=1e-8)
+            y.sum().backward()
+        counts.append(len(workspace.scratch(torch.device("cpu")).buffers))
+    assert counts == counts[:1] * len(counts)  # one per use, however many sizes were asked for after the first
+    view = workspace.scratch(torch.device("cpu"))("product", 5, 3, torch.float64)
+    assert view.shape == (5, 3) and view.is_contiguous()

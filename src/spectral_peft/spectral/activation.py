@@ -1,9 +1,11 @@
 """The activation path: ``x @ dW^T`` through real FFTs of the activations and one sparse product between their half
 spectra (:mod:`.half_spectrum`). No M x N tensor is formed; the cost per token is O(N log N + M log M + n).
 
-Activations stay (tokens, features) row-major throughout and are processed a block of rows at a time on a CPU, so a
-step's temporaries (a few block x features tensors) stay in cache between the reorder, FFT, sparse product, inverse
-FFT and sum; whole-batch temporaries would make every one of those passes go to memory.
+Activations are processed a block of rows at a time on a CPU, so a step's temporaries (a few block x features
+tensors) stay in cache between the reorder, FFT, sparse product, inverse FFT and sum; whole-batch temporaries would
+make every one of those passes go to memory. The FFTs run along the rows of (tokens, features) blocks, the sparse
+products and the sampled dots on (features, tokens) ones: a half spectrum is transposed once after its FFT, a
+product's result once before its inverse FFT.
 
 A frozen float32/64 layer's own product is computed in the same autograd Function (:func:`linear_with_delta`), so
 the update is added into the layer's output in place and, in backward, the update's input gradient into the frozen
@@ -39,15 +41,17 @@ def row_blocks(tokens: int, width: int, device: torch.device) -> list[slice]:
     return [slice(start, min(start + rows, tokens)) for start in range(0, tokens, rows)]
 
 
-def _times_transposed(q: torch.Tensor, dense: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """``dense @ q^T`` for a (T, K) row-major ``dense`` and a (J, K) CSR ``q``: a (T, J) row-major result.
+def _product_rows(q: torch.Tensor, spectrum: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """``(q @ spectrum)^T`` for a (J, K) CSR ``q`` and a (K, T) feature-major ``spectrum``: a (T, J) row-major result
+    for the inverse FFT along its rows.
 
-    Computed as ``q @ dense^T`` into the transposed view of the result, so the sparse kernel reads and writes the
-    activations in their own layout; ``dense @ csr`` would transpose both operands and copy the result back.
+    The sparse kernel (MKL's, zero-based indices) takes its dense operand and result row-major only: given the
+    activations' own (T, K) layout it copies them transposed on every call and is then 6x slower than on (K, T) rows,
+    where each entry of ``q`` adds one contiguous row of tokens.
     """
-    out = scratch("product", dense.shape[0], q.shape[0], dense.dtype)
-    torch.addmm(out.t(), q, dense.t(), beta=0.0, out=out.t())
-    return out
+    product = scratch("product", q.shape[0], spectrum.shape[1], spectrum.dtype)
+    torch.addmm(product, q, spectrum, beta=0.0, out=product)
+    return scratch("product rows", spectrum.shape[1], q.shape[0], spectrum.dtype).copy_(product.t())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -99,19 +103,26 @@ def _reordered(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch)
     return x if index is None else select_features(x, index, out=scratch("reordered", x.shape[0], x.shape[1], x.dtype))
 
 
-def half_spectrum(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> torch.Tensor:
+def _rfft_rows(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> torch.Tensor:
     """(T, N) features of one block of rows -> (T, 2 Nh) real and imaginary parts of the rfft of ``x[:, index]``.
     The rfft writes a tensor of its own (an ``out=`` FFT computes into a temporary and copies it)."""
     return torch.view_as_real(torch.fft.rfft(_reordered(x, index, scratch), dim=-1)).reshape(x.shape[0], -1)
 
 
+def half_spectrum(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch, name: str) -> torch.Tensor:
+    """:func:`_rfft_rows` of one block of rows, feature-major: (2 Nh, T) in the scratch buffer ``name``, the layout
+    the sparse products and the sampled dots read."""
+    spectrum = _rfft_rows(x, index, scratch)
+    return scratch(name, spectrum.shape[1], spectrum.shape[0], spectrum.dtype).copy_(spectrum.t())
+
+
 def kept_half_spectrum(x: torch.Tensor, index: Optional[torch.Tensor], scratch: Scratch) -> torch.Tensor:
-    """:func:`half_spectrum` of a whole batch, a block of rows at a time (so the reordered copy never leaves the
-    cache), into one tensor kept for backward."""
-    spectrum = torch.empty(x.shape[0], x.shape[1] // 2 + 1, dtype=x.dtype.to_complex(), device=x.device)
+    """:func:`half_spectrum` of a whole batch, (2 Nh, T), a block of rows at a time (so the reordered copy never
+    leaves the cache), into one tensor kept for backward."""
+    spectrum = x.new_empty(2 * (x.shape[1] // 2 + 1), x.shape[0])
     for rows in row_blocks(x.shape[0], x.shape[1], x.device):
-        torch.fft.rfft(_reordered(x[rows], index, scratch), dim=-1, out=spectrum[rows])
-    return torch.view_as_real(spectrum).reshape(x.shape[0], -1)
+        spectrum[:, rows].copy_(_rfft_rows(x[rows], index, scratch).t())
+    return spectrum
 
 
 def _irfft_half(half: torch.Tensor, size: int) -> torch.Tensor:
@@ -182,15 +193,15 @@ class _SpectralActivationProduct(torch.autograd.Function):
             half_in = workspace.shared_spectrum(call.anchor, (spec.transform, n, x.dtype),
                                                 lambda: kept_half_spectrum(x, reorders.col, scratch))
         elif call.grad_enabled:
-            stencil = structure.stencil(spec)  # the cells' own (S2FT has no locations): kept with the structure
+            stencil = structure.stencil(spec)  # S2FT has no locations: the cells alone
             columns = stencil.columns if stencil is not None else structure.entries[0][:0]
-            kept = x.new_empty(x.shape[0], columns.numel())
+            kept = x.new_empty(columns.numel(), x.shape[0])
         result = x.new_empty(x.shape[0], m) if into is None else into
         for rows in row_blocks(x.shape[0], max(m, n), x.device):
-            block = half_in[rows] if shared else half_spectrum(x[rows], reorders.col, scratch)
+            block = half_in[:, rows] if shared else half_spectrum(x[rows], reorders.col, scratch, "input spectrum")
             if kept is not None:
-                torch.index_select(block, 1, columns, out=kept[rows])
-            features = _irfft_half(_times_transposed(q, block, scratch), m)
+                kept[:, rows] = torch.index_select(block, 0, columns)
+            features = _irfft_half(_product_rows(q, block, scratch), m)
             if into is None:
                 select_features(features, reorders.row_inverse, out=result[rows])
             else:  # added into the base layer's output where it lies: no (T, M) copy for the reorder nor the sum
@@ -206,7 +217,7 @@ class _SpectralActivationProduct(torch.autograd.Function):
     def backward(ctx, grad_y):
         (half_in,) = ctx.saved_tensors
         spec, reorders, structure = ctx.spec, ctx.reorders, ctx.structure
-        stencil = structure.stencil(spec)  # a location phase's is built here, not held since forward
+        stencil = structure.stencil(spec)
         m, n = spec.out_features, spec.in_features
         grad_y = grad_y.reshape(-1, m)
         grad_x = adjoint = None
@@ -218,16 +229,16 @@ class _SpectralActivationProduct(torch.autograd.Function):
             grad_x = half_in.new_empty(grad_y.shape[0], n) if frozen is None else grad_y.to(frozen.dtype).mm(frozen)
         dots, scratch = None, workspace_of(spec).scratch(half_in.device)
         for rows in row_blocks(grad_y.shape[0], max(m, n), half_in.device):
-            # (rows, 2 Mh)
-            raw_grad_half_out = half_spectrum(grad_y[rows].to(half_in.dtype), reorders.row, scratch)
+            # (2 Mh, rows)
+            raw_grad_half_out = half_spectrum(grad_y[rows].to(half_in.dtype), reorders.row, scratch, "grad spectrum")
             if grad_x is not None:
-                features = _irfft_half(_times_transposed(adjoint, raw_grad_half_out, scratch), n)
+                features = _irfft_half(_product_rows(adjoint, raw_grad_half_out, scratch), n)
                 if ctx.frozen_weight is None:
                     select_features(features, reorders.col_inverse, out=grad_x[rows])
                 else:
                     _add_selected(grad_x[rows], features, reorders.col_inverse, scratch)
             if stencil is not None:  # K = dL/dS at the stencil points, summed over the blocks
-                block = stencil.sampled_dots(raw_grad_half_out, half_in[rows], ctx.kept_columns)
+                block = stencil.sampled_dots(raw_grad_half_out, half_in[:, rows], ctx.kept_columns)
                 dots = block if dots is None else dots.add_(block)
         spectral_grad = stencil.spectral_grad(dots, spec.scaling) if stencil is not None else None
         coef_grad, loc_grad = stencil_gradients(spectral_grad, spec)
@@ -286,8 +297,8 @@ class _FoldedProduct(torch.autograd.Function):
         dots, scratch = None, workspace_of(spec).scratch(x.device)
         width = max(spec.out_features, spec.in_features)
         for rows in row_blocks(x.shape[0], width, x.device) if stencil is not None else []:
-            block = stencil.sampled_dots(half_spectrum(grad_y[rows], reorders.row, scratch),
-                                         half_spectrum(x[rows], reorders.col, scratch), False)
+            block = stencil.sampled_dots(half_spectrum(grad_y[rows], reorders.row, scratch, "grad spectrum"),
+                                         half_spectrum(x[rows], reorders.col, scratch, "input spectrum"), False)
             dots = block if dots is None else dots.add_(block)
         spectral_grad = stencil.spectral_grad(dots, spec.scaling) if dots is not None else None
         coef_grad, loc_grad = stencil_gradients(spectral_grad, spec)

@@ -91,12 +91,15 @@ class Scratch:
         self.device, self.buffers = device, {}
 
     def __call__(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (name, cols, dtype)  # one buffer per use and width: layers of different widths alternate
+        """A contiguous (rows, cols) tensor on one flat buffer per use, grown to the largest asked for: layers of
+        different widths alternate, and a block's rows vary with the batch. Contiguous, not a slice of a wider
+        matrix: a transposing copy from a strided one misses the cache on every element."""
+        key = (name, dtype)
         buffer = self.buffers.get(key)
-        if buffer is None or buffer.shape[0] < rows:
+        if buffer is None or buffer.numel() < rows * cols:
             with torch.inference_mode(False):
-                buffer = self.buffers[key] = torch.empty(rows, cols, dtype=dtype, device=self.device)
-        return buffer[:rows]
+                buffer = self.buffers[key] = torch.empty(rows * cols, dtype=dtype, device=self.device)
+        return buffer[: rows * cols].view(rows, cols)
 
 
 class Workspace(_Fresh):

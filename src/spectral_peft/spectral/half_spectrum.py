@@ -134,11 +134,10 @@ class Stencil:
             torch.ones_like(compact, dtype=factor.dtype))
 
     def sampled_dots(self, left: torch.Tensor, right: torch.Tensor, right_is_columns: bool) -> torch.Tensor:
-        """The sampled dots of one block of rows (``right`` already reduced to ``columns`` or not)."""
-        # the kernel takes its left operand row-major and its right one column-major: selecting from the transposed
-        # blocks writes them so in one pass, where it would copy row-major selections once more
-        right = right if right_is_columns else torch.index_select(right.t(), 0, self.columns).t()
-        return torch.sparse.sampled_addmm(self.compact, torch.index_select(left.t(), 0, self.used_rows), right,
+        """The sampled dots of one block of rows, from feature-major (channels, rows) half spectra (``right``
+        already reduced to ``columns`` or not): the selections copy whole rows, the kernel's layout."""
+        right = right if right_is_columns else torch.index_select(right, 0, self.columns)
+        return torch.sparse.sampled_addmm(self.compact, torch.index_select(left, 0, self.used_rows), right.t(),
                                           beta=0.0).values()
 
     def spectral_grad(self, dots: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -155,7 +154,8 @@ class Structure:
         self.shape = (2 * (m // 2 + 1), 2 * (n // 2 + 1))
         self.entries = q_entries(spec, spec.cells[0], spec.cells[1], dtype)  # (flat, factor, pair)
         self.pattern = SparsityPattern(self.entries[0], self.shape)
-        self._adjoint = self._cells_stencil = None
+        self._adjoint = None
+        self._stencils: dict = {}
 
     def adjoint(self, spec: Spectrum) -> tuple[SparsityPattern, torch.Tensor]:
         """Q^T's sparsity and the weight of each entry: the adjoints of irfft and rfft are weighted rffts and
@@ -170,13 +170,18 @@ class Structure:
         return self._adjoint
 
     def stencil(self, spec: Spectrum) -> Optional[Stencil]:
-        """The stencil of the gradients that train; kept when it is the cells alone (the coefficients train, the
-        locations do not), built anew for LoCA's location phase (five times the points, rarely repeated)."""
-        points = stencil_points(spec)
-        if points is None:
-            return None
-        if spec.trains_locations:
-            return Stencil(q_entries(spec, *points, self.entries[1].dtype), points[0].numel(), spec, self.shape[1])
-        if self._cells_stencil is None:
-            self._cells_stencil = Stencil(self.entries, spec.cells.shape[1], spec, self.shape[1])
-        return self._cells_stencil
+        """The stencil of the gradients that train, kept for each choice of what trains: the cells stand for many
+        steps (LoCA's locations move a cell only now and then), and a location phase's stencil of five times the
+        points costs about what a 1024-wide layer's transforms do to build."""
+        key = (spec.train_coefficients, spec.trains_locations)
+        if key not in self._stencils:
+            points = stencil_points(spec)
+            if points is None:
+                stencil = None
+            elif key == (True, False):  # the cells alone: Q's own entries
+                stencil = Stencil(self.entries, spec.cells.shape[1], spec, self.shape[1])
+            else:
+                stencil = Stencil(q_entries(spec, *points, self.entries[1].dtype), points[0].numel(), spec,
+                                  self.shape[1])
+            self._stencils[key] = stencil
+        return self._stencils[key]
