@@ -20,8 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .spectral import (
     DELTA_PRODUCTS, TRANSFORMS, PlacementCache, Spectrum, Workspace, apply_delta, can_own_product, check_cells,
-    check_permutation,
-    choose_path, delta_weight, folded_linear, linear_with_delta,
+    check_permutation, choose_path, delta_weight, folded_linear, linear_with_delta,
 )
 from .transforms import COMPUTE_DTYPES
 

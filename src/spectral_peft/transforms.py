@@ -27,6 +27,13 @@ def dct_scale(n: int) -> torch.Tensor:
     return scale
 
 
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes ``order``: ``x[order][inverse_order(order)]`` is ``x``."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
 def makhoul_order(n: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Makhoul's order of n samples, whose real FFT gives the DCT-II: the even samples, then the odd ones reversed."""
     return torch.cat([torch.arange(0, n, 2, device=device), torch.arange(1, n, 2, device=device).flip(0)])
@@ -47,7 +54,7 @@ def _tables(n: int, dtype: torch.dtype, device: torch.device) -> _Tables:
     """Cached per length: the transforms as index and weight tables, so that each is a handful of whole-tensor
     operations."""
     order = makhoul_order(n)
-    restore = order.argsort()
+    restore = inverse_order(order)
     bins = n // 2 + 1
     k = torch.arange(bins, dtype=torch.float64)
     twiddle = torch.exp(-1j * math.pi * k / (2 * n))

@@ -11,16 +11,16 @@
 :mod:`.paths` chooses between them by a cost estimate; :mod:`.cache` holds what they keep between calls.
 """
 
+from ..transforms import inverse_order
 from .activation import apply_delta, can_own_product, folded_linear, linear_with_delta
 from .cache import Placement, PlacementCache, Workspace
 from .cells import check_cells, check_permutation, module_generator, random_cells
 from .factored import factored_forward
 from .paths import DELTA_PRODUCTS, choose_path
-from .spectrum import TRANSFORMS, Spectrum, delta_weight, dense_forward, inverse_order
+from .spectrum import TRANSFORMS, Spectrum, delta_weight, dense_forward
 
 __all__ = [
     "DELTA_PRODUCTS", "Placement", "PlacementCache", "Spectrum", "TRANSFORMS", "Workspace", "apply_delta",
-    "can_own_product", "check_cells", "check_permutation", "choose_path", "delta_weight", "dense_forward", "factored_forward",
-    "folded_linear",
-    "inverse_order", "linear_with_delta", "module_generator", "random_cells",
+    "can_own_product", "check_cells", "check_permutation", "choose_path", "delta_weight", "dense_forward",
+    "factored_forward", "folded_linear", "inverse_order", "linear_with_delta", "module_generator", "random_cells",
 ]

@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..transforms import makhoul_order
+from ..transforms import inverse_order, makhoul_order
 from .cache import Scratch, placement_of, workspace_of
 from .half_spectrum import Structure
-from .spectrum import Spectrum, compute_dtype, delta_weight, inverse_order, stencil_gradients
+from .spectrum import Spectrum, compute_dtype, delta_weight, stencil_gradients
 
 # A block holds about _BLOCK_ELEMENTS values, and at least _BLOCK_MIN_ROWS rows: each operation has a fixed cost per
 # call (torch's MKL backend plans every FFT anew), which many thin blocks of a very wide layer would pay many times.

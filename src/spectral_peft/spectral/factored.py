@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from ..transforms import dct_scale
+from ..transforms import dct_scale, inverse_order
 from .cache import placement_of
-from .spectrum import Spectrum, compute_dtype, inverse_order, stencil_gradients, stencil_points
+from .spectrum import Spectrum, compute_dtype, stencil_gradients, stencil_points
 
 
 def _basis(size: int, frequencies: torch.Tensor, order: Optional[torch.Tensor], transform: str,

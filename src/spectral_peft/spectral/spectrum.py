@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from ..transforms import COMPUTE_DTYPES, idct
+from ..transforms import COMPUTE_DTYPES, idct, inverse_order
 
 if TYPE_CHECKING:
     from .cache import Placement, Workspace
@@ -53,12 +53,6 @@ class Spectrum:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the transforms compute in for inputs of ``dtype`` (half precision: float32)."""
     return dtype if dtype in COMPUTE_DTYPES else torch.float32
-
-
-def inverse_order(order: torch.Tensor) -> torch.Tensor:
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return inverse
 
 
 def stencil_points(spec: Spectrum) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
