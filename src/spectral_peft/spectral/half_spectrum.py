@@ -117,28 +117,30 @@ class SparsityPattern:
 class Stencil:
     """K at the stencil points (:func:`stencil_points`) from the half spectra of the output gradient (left) and
     the input (right): ``K = sum of factor * <left[:, p], right[:, q]>`` over each point's Q entries at ``p * width +
-    q``. Only the distinct positions are sampled, and only the spectrum columns they touch are gathered (a few
-    hundred of a wide layer's thousands): ``columns``, which is also all that S2FT keeps of its input."""
+    q``. Only the distinct positions are sampled; ``columns`` are the input spectrum's rows they touch, all that S2FT
+    keeps of its input (its cells crowd low frequencies)."""
 
     def __init__(self, entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: int, spec: Spectrum,
                  width: int):
         flat, factor, self.point = entries
         self.size = size
         self.weight = factor * half_spectrum_weights(spec.out_features, factor.dtype, factor.device)[0][flat // width]
-        pattern, self.position = torch.unique(flat, return_inverse=True)
-        self.used_rows, row_index = torch.unique(pattern // width, return_inverse=True)
-        self.columns, col_index = torch.unique(pattern % width, return_inverse=True)
-        # the compact positions keep the pattern's order, so the sampled values come out in it
-        compact = row_index * self.columns.numel() + col_index
-        self.compact = SparsityPattern(compact, (self.used_rows.numel(), self.columns.numel())).matrix(
-            torch.ones_like(compact, dtype=factor.dtype))
+        positions, self.position = torch.unique(flat, return_inverse=True)
+        self.columns, col_index = torch.unique(positions % width, return_inverse=True)
+        rows = 2 * (spec.out_features // 2 + 1)
+        # positions in the full spectra and with the input's reduced to ``columns``: both keep the positions' order,
+        # so the sampled values come out in it
+        ones = torch.ones_like(positions, dtype=factor.dtype)
+        self._patterns = {False: SparsityPattern(positions, (rows, width)).matrix(ones),
+                          True: SparsityPattern(positions // width * self.columns.numel() + col_index,
+                                                (rows, self.columns.numel())).matrix(ones)}
 
     def sampled_dots(self, left: torch.Tensor, right: torch.Tensor, right_is_columns: bool) -> torch.Tensor:
         """The sampled dots of one block of rows, from feature-major (channels, rows) half spectra (``right``
-        already reduced to ``columns`` or not): the selections copy whole rows, the kernel's layout."""
-        right = right if right_is_columns else torch.index_select(right, 0, self.columns)
-        return torch.sparse.sampled_addmm(self.compact, torch.index_select(left, 0, self.used_rows), right.t(),
-                                          beta=0.0).values()
+        reduced to ``columns`` or not). The kernel reads only the rows it samples, each a contiguous run of tokens,
+        so the spectra are used as they lie: gathering the touched rows first (most of a narrow layer's) costs
+        twice what the dots do."""
+        return torch.sparse.sampled_addmm(self._patterns[right_is_columns], left, right.t(), beta=0.0).values()
 
     def spectral_grad(self, dots: torch.Tensor, scaling: float) -> torch.Tensor:
         per_entry = self.weight * dots[self.position] * scaling
