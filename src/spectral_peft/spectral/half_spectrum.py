@@ -121,13 +121,13 @@ class Stencil:
     keeps of its input (its cells crowd low frequencies)."""
 
     def __init__(self, entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: int, spec: Spectrum,
-                 width: int):
+                 shape: tuple[int, int]):
         flat, factor, self.point = entries
+        rows, width = shape
         self.size = size
         self.weight = factor * half_spectrum_weights(spec.out_features, factor.dtype, factor.device)[0][flat // width]
         positions, self.position = torch.unique(flat, return_inverse=True)
         self.columns, col_index = torch.unique(positions % width, return_inverse=True)
-        rows = 2 * (spec.out_features // 2 + 1)
         # positions in the full spectra and with the input's reduced to ``columns``: both keep the positions' order,
         # so the sampled values come out in it
         ones = torch.ones_like(positions, dtype=factor.dtype)
@@ -181,9 +181,9 @@ class Structure:
             if points is None:
                 stencil = None
             elif key == (True, False):  # the cells alone: Q's own entries
-                stencil = Stencil(self.entries, spec.cells.shape[1], spec, self.shape[1])
+                stencil = Stencil(self.entries, spec.cells.shape[1], spec, self.shape)
             else:
                 stencil = Stencil(q_entries(spec, *points, self.entries[1].dtype), points[0].numel(), spec,
-                                  self.shape[1])
+                                  self.shape)
             self._stencils[key] = stencil
         return self._stencils[key]
