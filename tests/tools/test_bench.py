@@ -33,6 +33,7 @@ def test_measure_reports_every_method_against_the_base_step():
             assert m["overhead_s"] == pytest.approx(m["step_s"]["median"] - methods["base"]["step_s"]["median"])
             assert m["merged_inference_s"]["median"] > 0
         assert m["step_paired_ratio"] > 0 and m["unmerged_inference_paired_ratio"] > 0
+        assert m["page_faults_per_step"] is None or m["page_faults_per_step"] >= 0
     assert methods["lora"]["step_paired_ratio"] == methods["lora"]["unmerged_inference_paired_ratio"] == 1.0
     table = bench.table(result)
     assert table.count("\n") == 2 + len(methods) - 1
@@ -44,6 +45,17 @@ def test_peak_memory_measurement_keeps_the_profilers_native_log_off_stderr(capfd
     peak = bench._peak_step_growth_cpu(lambda: torch.ones(256, 256).sum())
     err = capfd.readouterr().err
     assert peak >= 256 * 256 * 4 and "profiler_st" not in err
+
+
+@pytest.mark.skipif(bench.page_faults() is None, reason="this OS counts no page faults")
+def test_page_faults_count_the_fresh_memory_a_call_touches():
+    # 64 MiB is above the size glibc ever serves from its heap: every call maps fresh pages and touches them all
+    # (at least 32 faults even where the kernel hands out 2 MiB pages)
+    faults: dict = {}
+    bench.interleaved({"fresh": lambda: torch.ones(16 * 2**20), "none": lambda: None}, repeats=3, warmup=1,
+                      device="cpu", faults=faults)
+    assert len(faults["fresh"]) == len(faults["none"]) == 3
+    assert min(faults["fresh"]) >= 32 and min(faults["fresh"]) > max(faults["none"])
 
 
 def test_paired_ratios_cancel_a_slow_spell_that_the_medians_do_not():

@@ -20,8 +20,14 @@ import platform
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 from .files import write_json, write_text
 from .methods import BASE, REFERENCE
@@ -36,17 +42,26 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(calls: dict, repeats: int, warmup: int, device) -> dict:
-    """Seconds per call of each entry of ``calls``, measured A, B, C, A, B, C, ... after ``warmup`` rounds."""
+def page_faults() -> Optional[int]:
+    """This process's minor page faults so far (None where the OS does not count them): each is a page of memory
+    the kernel hands out afresh, zeroed, on its first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
+
+
+def interleaved(calls: dict, repeats: int, warmup: int, device, faults: Optional[dict] = None) -> dict:
+    """Seconds per call of each entry of ``calls``, measured A, B, C, A, B, C, ... after ``warmup`` rounds; the
+    page faults of each call go into ``faults`` (name -> list) if given."""
     times = {name: [] for name in calls}
     for round_ in range(warmup + repeats):
         for name, call in calls.items():
             _sync(device)
-            start = time.perf_counter()
+            faults_before, start = page_faults(), time.perf_counter()
             call()
             _sync(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
+                if faults is not None and faults_before is not None:
+                    faults.setdefault(name, []).append(page_faults() - faults_before)
     return times
 
 
@@ -96,7 +111,8 @@ def measure(work: Workload, methods: list, n: int, rank: int, repeats: int, warm
     models = {name: build_variant(name, work, n, rank).train() for name in names}
     memory: dict = {}
     steps = {name: _step_fn(models[name], work, device, memory, name) for name in names}
-    step_times = interleaved(steps, repeats, warmup, device)
+    faults: dict = {}
+    step_times = interleaved(steps, repeats, warmup, device, faults)
     if torch.device(device).type == "cpu":
         memory = {name: [_peak_step_growth_cpu(step)] for name, step in steps.items()}
     # shared frozen weights, counted once per model as a user with one model has them
@@ -108,7 +124,8 @@ def measure(work: Workload, methods: list, n: int, rank: int, repeats: int, warm
         locations = sum(p.numel() for n_, p in trainable if "loca_locations" in n_)
         entry = {"step_s": _summary(step_times[name]), "overhead_s": statistics.median(step_times[name]) - base_step,
                  # the one parameter count (training.count_parameters): weights; LoCA's locations apart
-                 "trainable": sum(p.numel() for _, p in trainable) - locations, "location_params": locations}
+                 "trainable": sum(p.numel() for _, p in trainable) - locations, "location_params": locations,
+                 "page_faults_per_step": statistics.median(faults[name]) if name in faults else None}
         # peak = frozen weights + trainable parameters and their two AdamW moments + the step's peak growth
         # (activations kept for backward, gradients, temporaries)
         entry["peak_step_growth_bytes"] = max(memory[name])
@@ -204,9 +221,9 @@ def table(result: dict, reference: str = REFERENCE) -> str:
     the median of the per-round ratios (:func:`paired_ratio`)."""
     methods = result["methods"]
     ref = methods.get(reference)
-    lines = ["| method | step ms (min..max) | / LoRA step | overhead ms | / LoRA overhead | peak memory MiB | "
-             "/ LoRA memory | unmerged inference ms | / LoRA | merged inference ms (base alongside) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | step ms (min..max) | / LoRA step | page faults / step | overhead ms | / LoRA overhead | "
+             "peak memory MiB | / LoRA memory | unmerged inference ms | / LoRA | merged inference ms (base alongside) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         step = m["step_s"]
 
@@ -220,11 +237,13 @@ def table(result: dict, reference: str = REFERENCE) -> str:
         mem_key = "peak_memory_bytes"
         mem = f"{m[mem_key] / 2**20:.0f}" if m.get(mem_key) is not None else ""
         mem_ratio = f"{m[mem_key] / ref[mem_key]:.3f}" if ref and m.get(mem_key) and ref.get(mem_key) else ""
+        faults = f"{m['page_faults_per_step']:,.0f}" if m.get("page_faults_per_step") is not None else ""
         unmerged = _ms(m["unmerged_inference_s"]["median"]) if "unmerged_inference_s" in m else ""
         merged = (f"{_ms(m['merged_inference_s']['median'])} ({_ms(m['merged_base_inference_s']['median'])})"
                   if "merged_inference_s" in m else "")
         lines.append(f"| {LABELS.get(name, name)} | {_ms(step['median'])} ({_ms(step['min'])}..{_ms(step['max'])}) | "
-                     f"{ratio('step_s', 'step_paired_ratio')} | {_ms(m['overhead_s']) if name != 'base' else ''} | "
+                     f"{ratio('step_s', 'step_paired_ratio')} | {faults} | "
+                     f"{_ms(m['overhead_s']) if name != 'base' else ''} | "
                      f"{over} | {mem} | {mem_ratio} | {unmerged} | "
                      f"{ratio('unmerged_inference_s', 'unmerged_inference_paired_ratio')} | {merged} |")
     return "\n".join(lines)
